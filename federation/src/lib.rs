@@ -1,0 +1,1 @@
+//! Federation links, catalog and mesh DNS (filled by the federation issue).

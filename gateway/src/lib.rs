@@ -1,0 +1,1 @@
+//! The QUIC east-west gateway (filled by the gateway issue).

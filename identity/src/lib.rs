@@ -1,0 +1,1 @@
+//! SPIFFE identities for meshgate.

@@ -1,0 +1,1 @@
+//! Cedar authorization, rate quotas and the decision log for meshgate.
