@@ -1,0 +1,267 @@
+//! The gateway's configuration: one TOML file per cluster, typed, unknown keys refused.
+//!
+//! Durations are written as humane strings (`"5s"`, `"250ms"`, `"1h"`).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A whole gateway configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// This cluster's name, e.g. `east`.
+    pub cluster: String,
+    /// This cluster's trust domain, e.g. `east.example`.
+    pub trust_domain: String,
+    /// The state directory (sled database, keys, admin socket).
+    pub state_dir: PathBuf,
+    /// The DNS suffix of mesh names (`orders.shop.west.mesh`).
+    #[serde(default = "default_suffix")]
+    pub mesh_suffix: String,
+    /// Where the gateway listens.
+    pub listeners: Listeners,
+    /// Cedar policies and quotas.
+    pub policy: PolicyConfig,
+    /// Services in this cluster that the gateway forwards to.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+    /// Peer clusters known statically (federation links add more at run time).
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Explicit routes: an authority (as a workload sends it) mapped to a mesh service name.
+    #[serde(default)]
+    pub routes: BTreeMap<String, String>,
+    /// Limits against abuse.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Identity settings.
+    #[serde(default)]
+    pub identity: IdentitySettings,
+}
+
+/// Listener addresses. Port 0 picks a free port (tests).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// Workload-facing TLS listener (HTTP/1.1, HTTP/2, gRPC, CONNECT); callers present SVIDs.
+    pub workload: SocketAddr,
+    /// Optional plaintext (HTTP/1.1 + h2c) listener on a loopback address; callers present a
+    /// JWT-SVID bearer token. Refused at start if the address is not loopback.
+    #[serde(default)]
+    pub workload_local: Option<SocketAddr>,
+    /// The QUIC listener peer gateways connect to.
+    pub tunnel: SocketAddr,
+    /// Metrics, health and readiness (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: SocketAddr,
+    /// The issuer API (attest, renew, JWT, bundle).
+    #[serde(default)]
+    pub issuer: Option<SocketAddr>,
+    /// DNS names put into the listener certificate, so standard clients verify it.
+    #[serde(default = "default_dns_names")]
+    pub dns_names: Vec<String>,
+    /// IP addresses put into the listener certificate.
+    #[serde(default = "default_ip_addrs")]
+    pub ip_addrs: Vec<IpAddr>,
+}
+
+/// Policy settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `.cedar` files that are enforced.
+    pub dir: PathBuf,
+    /// Directory of shadow (dry-run) policies, evaluated but never enforced.
+    #[serde(default)]
+    pub shadow_dir: Option<PathBuf>,
+    /// Optional schema file; the shipped mesh schema when absent.
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+    /// Quota for permits without a `@quota` annotation, e.g. `"100/s burst 20"`.
+    #[serde(default)]
+    pub default_quota: Option<String>,
+}
+
+/// One local service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name, e.g. `orders`.
+    pub name: String,
+    /// Namespace, e.g. `shop`.
+    pub namespace: String,
+    /// Upstream endpoints (`host:port`).
+    pub endpoints: Vec<String>,
+    /// Expected SPIFFE ID of the upstream: the hop uses mTLS when set.
+    #[serde(default)]
+    pub upstream_spiffe_id: Option<String>,
+    /// Allows plaintext to non-loopback endpoints. Dangerous: traffic leaves unencrypted.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Peer clusters this service is exported to (`"*"` for every peer).
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    /// Labels, visible to Cedar as `resource.labels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Per-try timeout of a request to this service.
+    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Retries for idempotent requests without a body.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+/// A statically configured peer cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's cluster name.
+    pub cluster: String,
+    /// The peer's trust domain.
+    pub trust_domain: String,
+    /// The peer gateways' QUIC addresses.
+    pub gateways: Vec<SocketAddr>,
+    /// The peer's trust bundle (SPIFFE JSON), the bootstrap trust anchor.
+    pub bundle: PathBuf,
+    /// Services the peer exports to us, as `service.namespace`.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Lower is preferred when a service is exported by several clusters.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+/// Limits against abuse, each with a sane default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list, HTTP/3 field section).
+    pub max_header_bytes: usize,
+    /// Time allowed to send a complete request head (slowloris).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// Idle connections are closed after this long.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Concurrent workload connections per listener.
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection and per peer QUIC connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams reset before being accepted (rapid-reset protection).
+    pub max_pending_resets: usize,
+    /// How long graceful shutdown waits for requests in flight.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_concurrent_streams: 1024,
+            max_pending_resets: 20,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Identity settings of the gateway.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySettings {
+    /// Lifetime of the gateway's own SVID; it is renewed at half its lifetime.
+    #[serde(deserialize_with = "de_duration")]
+    pub svid_ttl: Duration,
+    /// Lifetime of caller JWT-SVIDs minted for the tunnel hop.
+    #[serde(deserialize_with = "de_duration")]
+    pub caller_jwt_ttl: Duration,
+    /// Clock-skew leeway when verifying JWT-SVIDs.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwt_leeway: Duration,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            svid_ttl: Duration::from_secs(3600),
+            caller_jwt_ttl: Duration::from_secs(300),
+            jwt_leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+fn default_suffix() -> String {
+    "mesh".to_owned()
+}
+fn default_dns_names() -> Vec<String> {
+    vec!["localhost".to_owned()]
+}
+fn default_ip_addrs() -> Vec<IpAddr> {
+    vec![IpAddr::from([127, 0, 0, 1])]
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_retries() -> u32 {
+    2
+}
+
+/// Parses `"1500ms"`, `"5s"`, `"2m"`, `"1h"` (one number and one unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration `{text}`: expected a number and a unit, like `5s`")
+    })?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit `{other}` in `{text}`: use ms, s, m, h or d"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 || seconds > 10.0 * 365.0 * 86_400.0 {
+        return Err(format!("duration `{text}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_reject() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").unwrap_err().contains("unit"));
+        assert!(parse_duration("s").unwrap_err().contains("number"));
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(
+            parse_duration("99999999999h")
+                .unwrap_err()
+                .contains("out of range")
+        );
+    }
+}

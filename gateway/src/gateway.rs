@@ -1,0 +1,408 @@
+//! One running gateway: its listeners, tunnel, enforcement and the tasks that keep its
+//! identity fresh. Built from parts the root crate opens (issuer, bundles, policy, log,
+//! catalog), so tests run whole gateways in-process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshgate_identity::{BundleSet, Issuer, SpiffeId, TrustDomain};
+use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::caller::{CallerTokens, VerifiedCallers};
+use crate::catalog::{Catalog, ControlHandler};
+use crate::config::{GatewayConfig, Limits};
+use crate::dest::Resolver;
+use crate::enforce::Enforcer;
+use crate::metrics::Metrics;
+use crate::svid::{SvidError, SvidStore};
+use crate::tunnel::Tunnel;
+use crate::upstream::{UpstreamConfigError, UpstreamService, Upstreams};
+use crate::{admin, inbound, outbound, tls};
+
+/// How often the gateway checks whether its SVID needs renewal and refreshes its own bundle.
+const IDENTITY_TICK: Duration = Duration::from_secs(5);
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// A listener could not be bound.
+    #[error("cannot listen on `{addr}` ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A config value is invalid.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// The gateway's SVID could not be issued.
+    #[error(transparent)]
+    Svid(#[from] SvidError),
+    /// A TLS setting was refused.
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A service's upstream settings were refused.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamConfigError),
+}
+
+/// What a gateway is built from.
+#[derive(Debug)]
+pub struct GatewayParts {
+    /// The configuration.
+    pub config: GatewayConfig,
+    /// The trust domain's issuer.
+    pub issuer: Arc<Issuer>,
+    /// Bundles of the local and every federated trust domain (federation updates them).
+    pub bundles: BundleSet,
+    /// The policy engine.
+    pub policy: Arc<PolicyEngine>,
+    /// Rate quotas.
+    pub quotas: QuotaLimiter,
+    /// The decision log.
+    pub log: Arc<DecisionLog>,
+    /// The service catalog.
+    pub catalog: Arc<dyn Catalog>,
+    /// The `/.meshgate/` control handler (federation).
+    pub control: Option<Arc<dyn ControlHandler>>,
+}
+
+/// State shared by every connection of one gateway.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    pub id: SpiffeId,
+    pub resolver: Resolver,
+    pub catalog: Arc<dyn Catalog>,
+    pub control: Option<Arc<dyn ControlHandler>>,
+    pub local_bundles: BundleSet,
+    pub jwt_leeway: Duration,
+    pub tokens: CallerTokens,
+    pub callers: VerifiedCallers,
+    pub enforcer: Enforcer,
+    pub upstreams: Upstreams,
+    pub service_labels: HashMap<String, BTreeMap<String, String>>,
+    pub tunnel: Arc<Tunnel>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub in_flight: AtomicUsize,
+}
+
+impl Shared {
+    /// Counts a request in flight until the guard drops (graceful shutdown waits on it).
+    pub(crate) fn begin(&self) -> InFlightRequest<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlightRequest(&self.in_flight)
+    }
+}
+
+/// A request in flight.
+pub(crate) struct InFlightRequest<'a>(&'a AtomicUsize);
+
+impl Drop for InFlightRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Addresses a started gateway listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// The mTLS workload listener.
+    pub workload: SocketAddr,
+    /// The loopback plaintext listener, if configured.
+    pub workload_local: Option<SocketAddr>,
+    /// The QUIC tunnel.
+    pub tunnel: SocketAddr,
+    /// Metrics and health.
+    pub admin: SocketAddr,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+    svid: Arc<SvidStore>,
+    addrs: BoundAddrs,
+    accept_tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+impl Gateway {
+    /// Binds every listener and starts serving.
+    pub async fn start(parts: GatewayParts) -> Result<Gateway, GatewayError> {
+        let GatewayParts {
+            config,
+            issuer,
+            bundles,
+            policy,
+            quotas,
+            log,
+            catalog,
+            control,
+        } = parts;
+        let td = issuer.trust_domain().clone();
+        if config.trust_domain != td.as_str() {
+            return Err(GatewayError::Config(format!(
+                "`trust_domain = \"{}\"` but the state directory holds trust domain `{td}`",
+                config.trust_domain
+            )));
+        }
+        if let Some(addr) = config.listeners.workload_local
+            && !addr.ip().is_loopback()
+        {
+            return Err(GatewayError::Config(format!(
+                "`listeners.workload_local = \"{addr}\"` must be a loopback address (it accepts bearer tokens over plaintext)"
+            )));
+        }
+        let id = SpiffeId::gateway(&td);
+        let now = SystemTime::now();
+        bundles.insert(issuer.bundle());
+        let local_bundles = BundleSet::new();
+        local_bundles.insert(issuer.bundle());
+        let svid = Arc::new(SvidStore::issue(
+            &issuer,
+            id.clone(),
+            config.identity.svid_ttl,
+            config.listeners.dns_names.clone(),
+            config.listeners.ip_addrs.clone(),
+            now,
+        )?);
+        let metrics = Arc::new(Metrics::new());
+        metrics.svid_expiry.set(unix(svid.not_after()));
+
+        let mut upstreams = Upstreams::default();
+        let mut service_labels = HashMap::new();
+        for service in &config.services {
+            let tls = match &service.upstream_spiffe_id {
+                Some(expected) => {
+                    let expected: SpiffeId = expected.parse().map_err(|e| {
+                        GatewayError::Config(format!(
+                            "service `{}.{}`: `upstream_spiffe_id`: {e}",
+                            service.name, service.namespace
+                        ))
+                    })?;
+                    Some(tls::upstream_client(
+                        expected,
+                        bundles.clone(),
+                        svid.clone(),
+                    )?)
+                }
+                None => None,
+            };
+            upstreams.insert(UpstreamService::new(service, tls)?);
+            service_labels.insert(
+                format!("{}.{}", service.name, service.namespace),
+                service.labels.clone(),
+            );
+        }
+
+        let workload_tls = Arc::new(tls::workload_server(&td, bundles.clone(), svid.clone())?);
+        let tunnel_server = tls::tunnel_server(bundles.clone(), svid.clone())?;
+        let client_bundles = bundles.clone();
+        let client_svid = svid.clone();
+        let tunnel = Tunnel::bind(
+            config.listeners.tunnel,
+            tunnel_server,
+            Box::new(move |peer| {
+                tls::tunnel_client(peer, client_bundles.clone(), client_svid.clone())
+                    .map_err(|e| e.to_string())
+            }),
+            config.limits.max_concurrent_streams,
+            config.limits.idle_timeout,
+            metrics.clone(),
+        )
+        .map_err(|source| GatewayError::Bind {
+            what: "tunnel",
+            addr: config.listeners.tunnel,
+            source,
+        })?;
+        let tunnel = Arc::new(tunnel);
+
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind { what, addr, source })
+        };
+        let workload = bind("workload", config.listeners.workload).await?;
+        let local = match config.listeners.workload_local {
+            Some(addr) => Some(bind("workload_local", addr).await?),
+            None => None,
+        };
+        let admin_listener = bind("admin", config.listeners.admin).await?;
+        let local_addr = |l: &TcpListener, what, addr| {
+            l.local_addr()
+                .map_err(|source| GatewayError::Bind { what, addr, source })
+        };
+        let addrs = BoundAddrs {
+            workload: local_addr(&workload, "workload", config.listeners.workload)?,
+            workload_local: match &local {
+                Some(l) => Some(local_addr(l, "workload_local", config.listeners.workload)?),
+                None => None,
+            },
+            tunnel: tunnel.local_addr().map_err(|source| GatewayError::Bind {
+                what: "tunnel",
+                addr: config.listeners.tunnel,
+                source,
+            })?,
+            admin: local_addr(&admin_listener, "admin", config.listeners.admin)?,
+        };
+
+        let shared = Arc::new(Shared {
+            cluster: config.cluster.clone(),
+            trust_domain: td.clone(),
+            id,
+            resolver: Resolver::new(&config.mesh_suffix, config.routes.clone()),
+            catalog,
+            control,
+            local_bundles: local_bundles.clone(),
+            jwt_leeway: config.identity.jwt_leeway,
+            tokens: CallerTokens::new(issuer.clone(), config.identity.caller_jwt_ttl),
+            callers: VerifiedCallers::new(bundles.clone(), config.identity.jwt_leeway),
+            enforcer: Enforcer::new(policy, quotas, log, metrics.clone()),
+            upstreams,
+            service_labels,
+            tunnel: tunnel.clone(),
+            metrics: metrics.clone(),
+            limits: config.limits.clone(),
+            in_flight: AtomicUsize::new(0),
+        });
+
+        let mut accept_tasks = vec![
+            tokio::spawn(outbound::serve_tls(shared.clone(), workload, workload_tls)),
+            tokio::spawn(inbound::serve(shared.clone())),
+        ];
+        if let Some(local) = local {
+            accept_tasks.push(tokio::spawn(outbound::serve_local(shared.clone(), local)));
+        }
+        let background = vec![
+            tokio::spawn(admin::serve(shared.clone(), admin_listener)),
+            tokio::spawn(keep_identity_fresh(
+                issuer,
+                svid.clone(),
+                bundles,
+                local_bundles,
+                metrics,
+            )),
+        ];
+        tracing::info!(
+            cluster = %config.cluster,
+            trust_domain = %td,
+            workload = %addrs.workload,
+            tunnel = %addrs.tunnel,
+            admin = %addrs.admin,
+            "gateway started"
+        );
+        Ok(Gateway {
+            shared,
+            svid,
+            addrs,
+            accept_tasks,
+            background,
+            drain_timeout: config.limits.drain_timeout,
+        })
+    }
+
+    /// Where the gateway listens.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// The gateway's SPIFFE ID.
+    pub fn id(&self) -> &SpiffeId {
+        &self.shared.id
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// When the gateway's current SVID expires.
+    pub fn svid_not_after(&self) -> SystemTime {
+        self.svid.not_after()
+    }
+
+    /// Closes every tunnel connection with `td`'s gateways (a removed federation link; the
+    /// caller also removes the bundle, so new handshakes fail).
+    pub fn disconnect_trust_domain(&self, td: &TrustDomain) {
+        self.shared.tunnel.close_trust_domain(td);
+    }
+
+    /// Graceful shutdown: stop accepting, let requests in flight finish (up to the drain
+    /// timeout), then close the tunnel so peers see an orderly close.
+    pub async fn shutdown(self) {
+        for task in &self.accept_tasks {
+            task.abort();
+        }
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        while self.shared.in_flight.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared.tunnel.close();
+        for task in &self.background {
+            task.abort();
+        }
+        tracing::info!(cluster = %self.shared.cluster, "gateway stopped");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for task in self.accept_tasks.iter().chain(&self.background) {
+            task.abort();
+        }
+    }
+}
+
+/// Renews the gateway SVID at half its lifetime and keeps the local bundle current (CA
+/// rotation adds roots that peers and local verification must see).
+async fn keep_identity_fresh(
+    issuer: Arc<Issuer>,
+    svid: Arc<SvidStore>,
+    bundles: BundleSet,
+    local: BundleSet,
+    metrics: Arc<Metrics>,
+) {
+    let mut tick = tokio::time::interval(IDENTITY_TICK);
+    loop {
+        tick.tick().await;
+        let now = SystemTime::now();
+        let bundle = issuer.bundle();
+        let changed = bundles
+            .get(issuer.trust_domain())
+            .is_none_or(|b| b.sequence() != bundle.sequence());
+        if changed {
+            bundles.insert(bundle.clone());
+            local.insert(bundle);
+        }
+        if svid.needs_renewal(now) {
+            match svid.renew(&issuer, now) {
+                Ok(()) => {
+                    metrics.svid_expiry.set(unix(svid.not_after()));
+                    tracing::info!(id = %svid.id(), "gateway SVID renewed");
+                }
+                Err(e) => tracing::error!(error = %e, "gateway SVID renewal failed; retrying"),
+            }
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,178 @@
+//! Prometheus metrics of one gateway, served on the admin listener's `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request counted at enforcement.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` (from a peer gateway) or `outbound` (from a local workload).
+    pub direction: &'static str,
+    /// The caller's trust domain.
+    pub source: String,
+    /// The destination service (`service.namespace.cluster`), or `unknown`.
+    pub destination: String,
+    /// `allow`, `deny`, `quota_exceeded`, `error`, `unauthenticated`, `unknown_destination`.
+    pub decision: &'static str,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
+/// Labels of a failed handshake.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `tunnel` or `workload`.
+    pub listener: &'static str,
+    /// A short reason.
+    pub reason: String,
+}
+
+/// Labels with just a direction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
+/// Every metric of one gateway.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by source, destination, decision and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency (through the gateway, until response headers), seconds.
+    pub latency: Family<DirectionLabels, Histogram>,
+    /// Requests refused by a quota.
+    pub quota_rejections: Counter,
+    /// Policy decisions' evaluation time, seconds.
+    pub decision_seconds: Histogram,
+    /// Open QUIC connections to and from peer gateways.
+    pub quic_connections: Gauge,
+    /// Open QUIC request streams.
+    pub quic_streams: Gauge,
+    /// Failed handshakes, by listener and reason.
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Failures to write the decision log (requests refused, fail closed).
+    pub decision_log_failures: Counter,
+    /// Unix time at which the gateway's SVID expires.
+    pub svid_expiry: Gauge<f64, AtomicU64>,
+    /// Upstream failures (connect, timeout, 5xx from the upstream).
+    pub upstream_failures: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric under the `meshgate_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by direction, source, destination, decision and status",
+            requests.clone(),
+        );
+        let latency = Family::<DirectionLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time until response headers",
+            latency.clone(),
+        );
+        let quota_rejections = Counter::default();
+        registry.register(
+            "quota_rejections",
+            "Requests refused by a rate quota",
+            quota_rejections.clone(),
+        );
+        let decision_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 20));
+        registry.register(
+            "policy_decision_seconds",
+            "Cedar evaluation time",
+            decision_seconds.clone(),
+        );
+        let quic_connections = Gauge::default();
+        registry.register(
+            "quic_connections",
+            "Open QUIC connections with peer gateways",
+            quic_connections.clone(),
+        );
+        let quic_streams = Gauge::default();
+        registry.register(
+            "quic_streams",
+            "Open QUIC request streams",
+            quic_streams.clone(),
+        );
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "handshake_failures",
+            "Failed TLS/QUIC handshakes by reason",
+            handshake_failures.clone(),
+        );
+        let decision_log_failures = Counter::default();
+        registry.register(
+            "decision_log_failures",
+            "Decision records that could not be written (the request was refused)",
+            decision_log_failures.clone(),
+        );
+        let svid_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "svid_expiry_timestamp_seconds",
+            "When the gateway's own SVID expires",
+            svid_expiry.clone(),
+        );
+        let upstream_failures = Counter::default();
+        registry.register(
+            "upstream_failures",
+            "Upstream connect errors, timeouts and 502-504",
+            upstream_failures.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            quota_rejections,
+            decision_seconds,
+            quic_connections,
+            quic_streams,
+            handshake_failures,
+            decision_log_failures,
+            svid_expiry,
+            upstream_failures,
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failed(&self, listener: &'static str, reason: impl Into<String>) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                listener,
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}

@@ -1,0 +1,303 @@
+//! The QUIC tunnel between gateways: one quinn endpoint both accepts peer connections and
+//! dials peers; one connection per peer gateway address, reused and multiplexed, HTTP/3 on top.
+//!
+//! All HTTP/3 framing goes through this module and `inbound`/`body` (h3 0.0.8 is pinned and
+//! calls itself experimental; keeping it in few places keeps it replaceable).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshgate_identity::{SpiffeId, TrustDomain};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use crate::metrics::Metrics;
+
+/// The server name a dialing gateway hands quinn. Peer identity is checked by the SPIFFE
+/// verifier against `spiffe://<td>/meshgate/gateway`, not against this name.
+const PLACEHOLDER_SERVER_NAME: &str = "gateway.meshgate.invalid";
+/// Time allowed for a QUIC + TLS handshake with a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alives keep NAT bindings and detect dead peers.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// h3 request sender over one peer connection.
+pub(crate) type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+/// An h3 client request stream.
+pub(crate) type ClientStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Why a request could not be put on the tunnel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// The QUIC connection could not be set up.
+    #[error("cannot connect to peer gateway `{addr}`: {reason}")]
+    Connect {
+        /// The peer address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP/3 layer failed.
+    #[error("HTTP/3 error with peer gateway `{addr}`: {reason}")]
+    H3 {
+        /// The peer address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The client TLS configuration for the peer could not be built.
+    #[error("cannot build TLS settings for peer `{0}`: {1}")]
+    Tls(TrustDomain, String),
+}
+
+type OpenConnections = HashMap<usize, (TrustDomain, quinn::Connection)>;
+
+/// Builds the rustls client config used to dial the gateways of one trust domain.
+pub(crate) type ClientTlsFactory =
+    Box<dyn Fn(&TrustDomain) -> Result<rustls::ClientConfig, String> + Send + Sync>;
+
+type LinkSlot = Arc<tokio::sync::Mutex<Option<PeerLink>>>;
+
+struct PeerLink {
+    conn: quinn::Connection,
+    send: SendRequest,
+}
+
+/// The gateway's QUIC endpoint and its peer connections.
+pub struct Tunnel {
+    endpoint: quinn::Endpoint,
+    client_tls: ClientTlsFactory,
+    max_streams: u32,
+    links: Mutex<HashMap<(SocketAddr, TrustDomain), LinkSlot>>,
+    /// Every open connection, dialed or accepted, with the peer's trust domain.
+    open: Arc<Mutex<OpenConnections>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("local", &self.endpoint.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Tunnel {
+    /// Binds the QUIC endpoint at `addr` with the server-side TLS config (peer gateways must
+    /// present a gateway SVID) and the factory for dialing peers.
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        server_tls: rustls::ServerConfig,
+        client_tls: ClientTlsFactory,
+        max_streams: u32,
+        idle_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let crypto = QuicServerConfig::try_from(server_tls)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport(max_streams, idle_timeout));
+        let endpoint = quinn::Endpoint::server(server, addr)?;
+        Ok(Self {
+            endpoint,
+            client_tls,
+            max_streams,
+            links: Mutex::new(HashMap::new()),
+            open: Arc::new(Mutex::new(HashMap::new())),
+            metrics,
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub(crate) fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Opens a request stream to the gateway at `addr` of trust domain `td`, dialing or
+    /// reusing the one connection to it. A dead cached connection is replaced once.
+    pub(crate) async fn open_stream(
+        &self,
+        addr: SocketAddr,
+        td: &TrustDomain,
+        request: http::Request<()>,
+    ) -> Result<ClientStream, TunnelError> {
+        let slot = {
+            let mut links = self.links.lock().map_err(|_| poisoned(addr))?;
+            links.entry((addr, td.clone())).or_default().clone()
+        };
+        let mut link = slot.lock().await;
+        for attempt in 0..2 {
+            let reusable = link
+                .as_ref()
+                .is_some_and(|l| l.conn.close_reason().is_none());
+            if !reusable {
+                *link = Some(self.dial(addr, td).await?);
+            }
+            let Some(l) = link.as_mut() else { continue };
+            match l.send.send_request(request.clone()).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if attempt == 0 => {
+                    tracing::debug!(peer = %addr, error = %e, "peer connection unusable; redialing");
+                    *link = None;
+                }
+                Err(e) => {
+                    return Err(TunnelError::H3 {
+                        addr,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(TunnelError::H3 {
+            addr,
+            reason: "no usable connection".to_owned(),
+        })
+    }
+
+    async fn dial(&self, addr: SocketAddr, td: &TrustDomain) -> Result<PeerLink, TunnelError> {
+        let tls = (self.client_tls)(td).map_err(|e| TunnelError::Tls(td.clone(), e))?;
+        let crypto = QuicClientConfig::try_from(tls)
+            .map_err(|e| TunnelError::Tls(td.clone(), e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport(self.max_streams, Duration::from_secs(30)));
+        let connecting = self
+            .endpoint
+            .connect_with(config, addr, PLACEHOLDER_SERVER_NAME)
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                self.metrics.handshake_failed("tunnel_dial", reason_of(&e));
+                return Err(TunnelError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                self.metrics.handshake_failed("tunnel_dial", "timeout");
+                return Err(TunnelError::Connect {
+                    addr,
+                    reason: format!("no handshake within {CONNECT_TIMEOUT:?}"),
+                });
+            }
+        };
+        self.track(td.clone(), conn.clone());
+        let (mut driver, send) = h3::client::builder()
+            .max_field_section_size(64 * 1024)
+            .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+            .await
+            .map_err(|e| TunnelError::H3 {
+                addr,
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            let reason = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            tracing::debug!(peer = %addr, %reason, "peer connection closed");
+        });
+        tracing::info!(peer = %addr, trust_domain = %td, "connected to peer gateway");
+        Ok(PeerLink { conn, send })
+    }
+
+    /// Records an open connection (dialed or accepted) so link removal can close it.
+    pub(crate) fn track(&self, td: TrustDomain, conn: quinn::Connection) {
+        let id = conn.stable_id();
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, (td, conn.clone()));
+            self.metrics.quic_connections.set(open.len() as i64);
+        }
+        let metrics = Arc::downgrade(&self.metrics);
+        let open = Arc::downgrade(&self.open);
+        tokio::spawn(async move {
+            conn.closed().await;
+            if let (Some(metrics), Some(open)) = (metrics.upgrade(), open.upgrade())
+                && let Ok(mut open) = open.lock()
+            {
+                open.remove(&id);
+                metrics.quic_connections.set(open.len() as i64);
+            }
+        });
+    }
+
+    /// Closes every connection with gateways of `td` (a removed federation link).
+    pub fn close_trust_domain(&self, td: &TrustDomain) {
+        let Ok(mut open) = self.open.lock() else {
+            return;
+        };
+        open.retain(|_, (peer_td, conn)| {
+            if peer_td == td {
+                conn.close(quinn::VarInt::from_u32(0x100), b"federation link removed");
+                false
+            } else {
+                true
+            }
+        });
+        self.metrics.quic_connections.set(open.len() as i64);
+        if let Ok(mut links) = self.links.lock() {
+            links.retain(|(_, peer_td), _| peer_td != td);
+        }
+    }
+
+    /// Closes the endpoint (graceful shutdown: peers see an orderly close).
+    pub fn close(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+    }
+}
+
+fn poisoned(addr: SocketAddr) -> TunnelError {
+    TunnelError::H3 {
+        addr,
+        reason: "internal lock poisoned".to_owned(),
+    }
+}
+
+fn transport(max_streams: u32, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(max_streams.into());
+    t.max_concurrent_uni_streams(16u32.into());
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// A short, bounded-cardinality reason for a failed handshake (a metrics label).
+pub(crate) fn reason_of(e: &quinn::ConnectionError) -> &'static str {
+    match e {
+        quinn::ConnectionError::TransportError(t)
+            if t.code.to_string().contains("crypto") || t.reason.contains("certificate") =>
+        {
+            "certificate"
+        }
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code.to_string().contains("crypto") =>
+        {
+            "certificate_rejected_by_peer"
+        }
+        quinn::ConnectionError::TimedOut => "timeout",
+        quinn::ConnectionError::VersionMismatch => "version",
+        quinn::ConnectionError::Reset => "reset",
+        quinn::ConnectionError::ApplicationClosed(_) => "closed",
+        _ => "other",
+    }
+}
+
+/// The SPIFFE ID a peer presented on an accepted connection.
+pub(crate) fn peer_id(conn: &quinn::Connection) -> Option<SpiffeId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    meshgate_identity::peer_spiffe_id(&certs).ok()
+}

@@ -1,0 +1,208 @@
+//! Attacks on the tunnel from something that holds a certificate: a workload posing as a
+//! gateway, a gateway with a forged caller token, a token for another audience, a gateway
+//! speaking for another trust domain. Each is refused by the destination gateway.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes};
+use meshgate_identity::{PeerAuthorizer, SpiffeId, SpiffeServerVerifier, X509Svid};
+
+use crate::gateway::east_west;
+use crate::support::Cluster;
+
+/// A raw HTTP/3 client to `west`'s tunnel presenting `svid`.
+async fn h3_to(
+    west: &Cluster,
+    trusting: &Cluster,
+    svid: &X509Svid,
+) -> Result<h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>, String> {
+    let verifier = SpiffeServerVerifier::new(
+        trusting.bundles.clone(),
+        PeerAuthorizer::Exact(SpiffeId::gateway(&west.td)),
+    );
+    let mut tls = rustls::ClientConfig::builder_with_provider(meshgate_identity::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(
+            svid.cert_chain().to_vec(),
+            svid.private_key().unwrap().clone_key(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(west.gateway.addrs().tunnel, "gateway.meshgate.invalid")
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    Ok(send)
+}
+
+async fn call(
+    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut req = http::Request::get("https://orders.shop.west/v1/orders");
+    if let Some(t) = token {
+        req = req.header("x-meshgate-caller-svid", t);
+    }
+    let mut stream = send
+        .send_request(req.body(()).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.finish().await.map_err(|e| e.to_string())?;
+    let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
+        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    Ok((
+        resp.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+fn gateway_svid(cluster: &Cluster) -> X509Svid {
+    cluster
+        .issuer
+        .issue_x509_svid(
+            &SpiffeId::gateway(&cluster.td),
+            Duration::from_secs(600),
+            &[],
+            &[],
+            SystemTime::now(),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_workload_cannot_pose_as_a_gateway() {
+    let (east, west) = east_west().await;
+    let workload = east.svid("/ns/shop/sa/web");
+    let result = match h3_to(&west, &east, &workload).await {
+        Err(e) => Err(e),
+        Ok(mut send) => call(&mut send, None).await,
+    };
+    assert!(
+        result.is_err(),
+        "a workload SVID was accepted on the tunnel: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn forged_and_misdirected_caller_tokens_are_refused() {
+    let (east, west) = east_west().await;
+    let mut send = h3_to(&west, &east, &gateway_svid(&east)).await.unwrap();
+    let web = SpiffeId::new(&east.td, "/ns/shop/sa/web").unwrap();
+    let aud = "spiffe://west.example/ns/shop/svc/orders".to_owned();
+    let now = SystemTime::now();
+
+    // A genuine token works: the baseline, so the refusals below mean something.
+    let good = east
+        .issuer
+        .mint_jwt_svid(
+            &web,
+            std::slice::from_ref(&aud),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+    let (status, body) = call(&mut send, Some(&good.token)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // No token at all.
+    let (status, body) = call(&mut send, None).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no caller identity"), "{body}");
+
+    // A forged token: signed by a trust domain West does not know.
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let rogue =
+        meshgate_identity::Issuer::init(&db, dir.path(), "east.example".parse().unwrap(), now)
+            .unwrap();
+    let forged = rogue
+        .mint_jwt_svid(
+            &web,
+            std::slice::from_ref(&aud),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+    let (status, body) = call(&mut send, Some(&forged.token)).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("caller token rejected"), "{body}");
+
+    // A tampered token: payload swapped for another caller's.
+    let mut parts: Vec<&str> = good.token.split('.').collect();
+    let other = east
+        .issuer
+        .mint_jwt_svid(
+            &SpiffeId::new(&east.td, "/ns/admin/sa/root").unwrap(),
+            std::slice::from_ref(&aud),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+    let other_payload = other.token.split('.').nth(1).unwrap().to_owned();
+    parts[1] = &other_payload;
+    let (status, _) = call(&mut send, Some(&parts.join("."))).await.unwrap();
+    assert_eq!(status, 403);
+
+    // A token for another audience.
+    let wrong_aud = east
+        .issuer
+        .mint_jwt_svid(
+            &web,
+            &["spiffe://west.example/ns/shop/svc/payments".to_owned()],
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+    let (status, body) = call(&mut send, Some(&wrong_aud.token)).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+
+    // An expired token.
+    let old = east
+        .issuer
+        .mint_jwt_svid(
+            &web,
+            std::slice::from_ref(&aud),
+            Duration::from_secs(60),
+            now - Duration::from_secs(600),
+        )
+        .unwrap();
+    let (status, _) = call(&mut send, Some(&old.token)).await.unwrap();
+    assert_eq!(status, 403);
+
+    // East's gateway speaking for a West workload: a gateway speaks only for its own domain.
+    let west_caller = west
+        .issuer
+        .mint_jwt_svid(
+            &SpiffeId::new(&west.td, "/ns/shop/sa/web").unwrap(),
+            std::slice::from_ref(&aud),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+    let (status, body) = call(&mut send, Some(&west_caller.token)).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("may not speak for"), "{body}");
+
+    // Every refusal is in West's log.
+    let records = west.log.query(&meshgate_policy::Filter::default()).unwrap();
+    let denies = records
+        .iter()
+        .filter(|r| r.decision.as_str() == "deny")
+        .count();
+    assert!(denies >= 6, "{denies} deny records");
+}
