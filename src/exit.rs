@@ -43,17 +43,20 @@ pub type CliResult<T = Outcome> = Result<T, CliError>;
 impl CliError {
     /// Malformed input (exit 2).
     pub fn input(error: impl Into<anyhow::Error>) -> Self {
-        Self { kind: Kind::Input, error: error.into() }
+        Self {
+            kind: Kind::Input,
+            error: error.into(),
+        }
     }
 
     /// Internal or I/O failure (exit 3).
     pub fn internal(error: impl Into<anyhow::Error>) -> Self {
-        Self { kind: Kind::Internal, error: error.into() }
+        Self {
+            kind: Kind::Internal,
+            error: error.into(),
+        }
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
 
     pub fn exit_code(&self) -> ExitCode {
         match self.kind {
@@ -78,8 +81,14 @@ impl fmt::Display for CliError {
 pub trait ResultExt<T> {
     fn input_err(self) -> CliResult<T>;
     fn internal_err(self) -> CliResult<T>;
-    fn input_ctx<C: fmt::Display + Send + Sync + 'static>(self, ctx: impl FnOnce() -> C) -> CliResult<T>;
-    fn internal_ctx<C: fmt::Display + Send + Sync + 'static>(self, ctx: impl FnOnce() -> C) -> CliResult<T>;
+    fn input_ctx<C: fmt::Display + Send + Sync + 'static>(
+        self,
+        ctx: impl FnOnce() -> C,
+    ) -> CliResult<T>;
+    fn internal_ctx<C: fmt::Display + Send + Sync + 'static>(
+        self,
+        ctx: impl FnOnce() -> C,
+    ) -> CliResult<T>;
 }
 
 impl<T, E: Into<anyhow::Error>> ResultExt<T> for Result<T, E> {
@@ -89,10 +98,16 @@ impl<T, E: Into<anyhow::Error>> ResultExt<T> for Result<T, E> {
     fn internal_err(self) -> CliResult<T> {
         self.map_err(CliError::internal)
     }
-    fn input_ctx<C: fmt::Display + Send + Sync + 'static>(self, ctx: impl FnOnce() -> C) -> CliResult<T> {
+    fn input_ctx<C: fmt::Display + Send + Sync + 'static>(
+        self,
+        ctx: impl FnOnce() -> C,
+    ) -> CliResult<T> {
         self.map_err(|e| CliError::input(e.into().context(ctx())))
     }
-    fn internal_ctx<C: fmt::Display + Send + Sync + 'static>(self, ctx: impl FnOnce() -> C) -> CliResult<T> {
+    fn internal_ctx<C: fmt::Display + Send + Sync + 'static>(
+        self,
+        ctx: impl FnOnce() -> C,
+    ) -> CliResult<T> {
         self.map_err(|e| CliError::internal(e.into().context(ctx())))
     }
 }

@@ -36,7 +36,10 @@ impl State {
                 .next()
                 .is_some();
             if non_empty {
-                bail!("state directory `{}` already exists and is not empty; refusing to overwrite it", root.display());
+                bail!(
+                    "state directory `{}` already exists and is not empty; refusing to overwrite it",
+                    root.display()
+                );
             }
         }
         fs::DirBuilder::new()
@@ -75,7 +78,10 @@ impl State {
                     root.display()
                 )
             })?;
-        Ok(Self { root: root.to_path_buf(), db })
+        Ok(Self {
+            root: root.to_path_buf(),
+            db,
+        })
     }
 
     pub fn root(&self) -> &Path {

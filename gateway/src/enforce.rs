@@ -45,6 +45,9 @@ pub struct Enforced {
     pub decision_id: String,
     /// The verdict.
     pub verdict: Verdict,
+    /// The normalized path Cedar decided on; an allowed request is forwarded with it, so
+    /// the upstream sees exactly what was authorized.
+    pub normalized_path: String,
 }
 
 /// The policy engine, quotas and decision log of one gateway.
@@ -103,7 +106,9 @@ impl Enforcer {
                 _ => Some(0),
             };
         }
-        self.record(record, meta, verdict).await
+        let mut enforced = self.record(record, meta, verdict).await;
+        enforced.normalized_path = decision.normalized_path;
+        enforced
     }
 
     /// Records a refusal made before Cedar could be asked (unauthenticated caller, forged
@@ -170,6 +175,7 @@ impl Enforcer {
             Ok(_) => Enforced {
                 decision_id: request_id.to_owned(),
                 verdict,
+                normalized_path: String::new(),
             },
             Err(error) => {
                 self.metrics.decision_log_failures.inc();
@@ -177,6 +183,7 @@ impl Enforcer {
                 Enforced {
                     decision_id: request_id.to_owned(),
                     verdict: Verdict::Error("the decision could not be recorded".to_owned()),
+                    normalized_path: String::new(),
                 }
             }
         }
@@ -206,5 +213,21 @@ fn refused(facts: &RequestFacts, policy_version: String) -> Decision {
         quota: None,
         normalized_path: normalize_path(&facts.raw_path).unwrap_or_default(),
         evaluation_failed: false,
+    }
+}
+
+/// Rewrites the request target to the normalized path (keeping the query).
+pub(crate) fn use_normalized_path(parts: &mut http::request::Parts, normalized: &str) {
+    if normalized.is_empty() {
+        return;
+    }
+    let target = match parts.uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized.to_owned(),
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.path_and_query = target.parse().ok();
+    if let Ok(new) = http::Uri::from_parts(uri) {
+        parts.uri = new;
     }
 }

@@ -216,7 +216,8 @@ async fn enforce_and_forward(
     if enforced.verdict != Verdict::Allow {
         return finish(enforced, None, labels, StatusCode::FORBIDDEN);
     }
-    // Forward with the verified identity.
+    // Forward with the verified identity, to the path that was authorized.
+    crate::enforce::use_normalized_path(&mut parts, &enforced.normalized_path);
     headers::strip_meshgate(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = http::HeaderValue::from_str(caller.as_str()) {

@@ -394,6 +394,7 @@ async fn local(
     let enforced = shared.enforcer.enforce(&facts, meta).await;
     let mut response = match (&enforced.verdict, shared.upstreams.get(&dest.short())) {
         (Verdict::Allow, Some(upstream)) => {
+            crate::enforce::use_normalized_path(parts, &enforced.normalized_path);
             if let Ok(v) = HeaderValue::from_str(caller.as_str()) {
                 parts.headers.insert(CALLER_HEADER, v);
             }

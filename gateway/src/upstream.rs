@@ -78,7 +78,10 @@ pub enum UpstreamConfigError {
 
 enum Pool {
     /// Plaintext to loopback: HTTP/1.1, and h2c (prior knowledge) for gRPC.
-    Plain(Client<HttpConnector, GatewayBody>, Client<HttpConnector, GatewayBody>),
+    Plain(
+        Client<HttpConnector, GatewayBody>,
+        Client<HttpConnector, GatewayBody>,
+    ),
     Tls(Client<HttpsConnector<HttpConnector>, GatewayBody>),
 }
 
@@ -155,8 +158,12 @@ impl UpstreamService {
             }
             None => {
                 let mut h2 = Client::builder(TokioExecutor::new());
-                h2.pool_idle_timeout(Duration::from_secs(60)).http2_only(true);
-                (Pool::Plain(builder.build(http.clone()), h2.build(http)), "http")
+                h2.pool_idle_timeout(Duration::from_secs(60))
+                    .http2_only(true);
+                (
+                    Pool::Plain(builder.build(http.clone()), h2.build(http)),
+                    "http",
+                )
             }
         };
         Ok(Self {
@@ -322,7 +329,11 @@ impl UpstreamService {
                     .headers()
                     .get(http::header::CONTENT_TYPE)
                     .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                if grpc { h2.request(req).await } else { h1.request(req).await }
+                if grpc {
+                    h2.request(req).await
+                } else {
+                    h1.request(req).await
+                }
             }
             Pool::Tls(c) => c.request(req).await,
         }

@@ -1,1 +1,135 @@
-fn main() {}
+//! Benchmarks: decisions with 10/100/1000 policies (criterion mean plus p50/p99 printed),
+//! quota checks under contention from 2 threads, and durable decision-log appends.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use meshgate_policy::{
+    DecisionLog, DecisionRecordInput, PolicyEngine, QuotaLimiter, QuotaSpec, RequestFacts,
+    SourceFile,
+};
+
+fn policies(n: usize) -> Vec<SourceFile> {
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "@id(\"p{i}\")\n@quota(\"100/s\")\npermit (principal == Workload::\"spiffe://east.example/ns/ns{i}/sa/web\", action in Action::\"read\", resource == Service::\"svc{i}.shop.west\") when {{ context.mtls && context.path like \"/v1/*\" }};\n"
+        ));
+    }
+    text.push_str("@id(\"no-admin\") forbid (principal, action, resource) when { context.path like \"/admin/*\" };\n");
+    vec![SourceFile {
+        name: "bench.cedar".into(),
+        text,
+    }]
+}
+
+fn facts(i: usize) -> RequestFacts {
+    RequestFacts {
+        caller: format!("spiffe://east.example/ns/ns{i}/sa/web"),
+        service: format!("svc{i}.shop.west"),
+        destination_trust_domain: "west.example".into(),
+        method: "GET".into(),
+        raw_path: "/v1/orders/42?x=1".into(),
+        headers: vec![
+            ("x-env".into(), "prod".into()),
+            ("user-agent".into(), "bench".into()),
+        ],
+        source_cluster: "east".into(),
+        destination_cluster: "west".into(),
+        mtls: true,
+        time: SystemTime::now(),
+        claims: None,
+        service_labels: BTreeMap::from([("tier".into(), "gold".into())]),
+    }
+}
+
+fn percentiles(engine: &PolicyEngine, f: &RequestFacts, n: usize) -> (Duration, Duration) {
+    let mut samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(engine.decide(f));
+            t.elapsed()
+        })
+        .collect();
+    samples.sort();
+    (samples[n / 2], samples[n * 99 / 100])
+}
+
+fn decisions(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide");
+    for n in [10, 100, 1000] {
+        let engine = PolicyEngine::from_sources(&policies(n), None).unwrap();
+        let f = facts(n / 2);
+        assert!(engine.decide(&f).allowed);
+        let (p50, p99) = percentiles(&engine, &f, 5000);
+        eprintln!("decide/{n} policies: p50 {p50:?}, p99 {p99:?}");
+        group.bench_function(format!("{n}_policies"), |b| {
+            b.iter(|| black_box(engine.decide(black_box(&f))))
+        });
+    }
+    group.finish();
+}
+
+fn quotas(c: &mut Criterion) {
+    let limiter = Arc::new(QuotaLimiter::new(None, 100_000));
+    let spec: QuotaSpec = "1000000/s burst 1000".parse().unwrap();
+    c.bench_function("quota_check_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            let origin = start;
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let (limiter, spec) = (limiter.clone(), spec.clone());
+                    s.spawn(move || {
+                        let key = if t == 0 { "principal-a" } else { "principal-b" };
+                        for _ in 0..iters / 2 {
+                            black_box(limiter.check(key, &spec, origin.elapsed()));
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        });
+    });
+}
+
+fn log_appends(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(8 << 20)
+        .open()
+        .unwrap();
+    let log = DecisionLog::open(&db, None).unwrap();
+    let engine = PolicyEngine::from_sources(&policies(10), None).unwrap();
+    let f = facts(3);
+    let input = DecisionRecordInput::from_decision(&f, &engine.decide(&f));
+    let mut group = c.benchmark_group("log_append");
+    group.sample_size(10);
+    group.bench_function("flush_each", |b| {
+        b.iter(|| log.append(input.clone()).unwrap())
+    });
+    group.bench_function("group_commit_8_threads", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| {
+                        for _ in 0..iters.div_ceil(8) {
+                            log.append_batched(input.clone()).unwrap();
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decisions, quotas, log_appends);
+criterion_main!(benches);

@@ -1,1 +1,37 @@
-//! Cedar authorization, rate quotas and the decision log for meshgate.
+//! Cedar authorization, rate quotas and the tamper-evident decision log for meshgate.
+//!
+//! - [`PolicyEngine`] loads a directory of `.cedar` files (plus `links.toml` for template
+//!   links), validates it in strict mode against the mesh schema ([`MESH_SCHEMA`]), and
+//!   decides [`RequestFacts`] into a [`Decision`]; an optional shadow set is evaluated
+//!   beside it and never enforced. Reloads swap the set atomically; an invalid set is refused.
+//! - [`QuotaLimiter`] charges `@quota` annotations (GCRA, sharded, bounded memory, time
+//!   passed in).
+//! - [`DecisionLog`] is the hash-chained, checkpoint-signed decision log in sled.
+//!
+//! This crate knows nothing of sockets or TLS; the gateway hands it facts and a sled `Db`.
+
+mod diag;
+mod engine;
+mod facts;
+mod load;
+mod log;
+mod path;
+mod quota;
+mod timefmt;
+mod tools;
+
+pub use diag::PolicyDiagnostic;
+pub use engine::{Decision, PolicyEngine, ShadowOutcome};
+pub use facts::{FactsError, HIDDEN_HEADERS, RequestFacts};
+pub use load::{LINKS_FILE, LoadError, LoadStats, MESH_SCHEMA, PolicyVersion, SourceFile};
+pub use log::{
+    Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, DecisionRecordInput,
+    Filter, GENESIS_HASH, LogError, PruneReport, Tamper, VerifyReport, new_decision_id,
+};
+pub use path::{MAX_PATH_LEN, PathError, normalize_path};
+pub use quota::{QuotaKey, QuotaLimiter, QuotaParseError, QuotaResult, QuotaSpec};
+pub use timefmt::{parse_rfc3339, to_rfc3339};
+pub use tools::{
+    CaseResult, CheckContext, Expect, Flip, ReplaySummary, Side, ToolInputError, replay, run_cases,
+    what_if_facts,
+};

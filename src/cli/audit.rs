@@ -1,19 +1,343 @@
-//! `meshgate audit …`
+//! `meshgate audit …`: query, verify, export the decision log; export and make checkpoints.
+//!
+//! The commands go through [`AuditBackend`]. Today the only backend opens the state
+//! directly ([`LocalBackend`]); while a gateway runs, the admin-socket backend (to come)
+//! implements the same trait and [`backend`] picks it.
 
-use clap::Subcommand;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-use crate::exit::{CliResult, Outcome};
+use anyhow::{Context, anyhow, bail};
+use clap::{Subcommand, ValueEnum};
+use meshgate_policy::{
+    Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, Filter, VerifyReport,
+};
+
+use super::print_json;
+use crate::exit::{CliError, CliResult, Outcome, ResultExt};
+use crate::state::State;
+
+/// The checkpoint signing key, PKCS#8 PEM, mode 0600, in the state's `keys/` directory.
+pub const CHECKPOINT_KEY_FILE: &str = "audit-checkpoint.pem";
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Placeholder until this area's commands land.
-    Placeholder,
+    /// List decision records, oldest first.
+    Query {
+        /// The state directory.
+        state: PathBuf,
+        /// Only this caller (SPIFFE ID).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only this service (`<service>.<namespace>.<cluster>`).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only this decision: allow, deny, quota_exceeded, error, admin.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Only records this policy id determined (enforced or shadow).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Only records at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many records.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print a JSON array of records.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the hash chain and every checkpoint. Exit 0 ok, 1 tampering, 3 unreadable.
+    Verify {
+        /// The state directory.
+        state: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export every record (for SIEM ingestion).
+    Export {
+        /// The state directory.
+        state: PathBuf,
+        /// The output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+    },
+    /// Print the signed checkpoint heads as JSON, to be held somewhere else.
+    Checkpoints {
+        /// The state directory.
+        state: PathBuf,
+    },
+    /// Sign the current chain head now (creates `keys/audit-checkpoint.pem` if missing).
+    Checkpoint {
+        /// The state directory.
+        state: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per line: the canonical record body plus its `hash`.
+    Jsonl,
 }
 
 impl AuditCommand {
     pub fn run(self) -> CliResult<Outcome> {
         match self {
-            Self::Placeholder => Ok(Outcome::Yes),
+            Self::Query {
+                state,
+                principal,
+                resource,
+                decision,
+                policy,
+                since,
+                until,
+                limit,
+                json,
+            } => {
+                let decision = decision
+                    .map(|d| {
+                        d.parse::<DecisionKind>()
+                            .map_err(|e| CliError::input(anyhow!("`--decision`: {e}")))
+                    })
+                    .transpose()?;
+                let filter = Filter {
+                    principal,
+                    resource,
+                    decision,
+                    policy,
+                    since: parse_time(since.as_deref())?,
+                    until: parse_time(until.as_deref())?,
+                    limit,
+                };
+                query(backend(&state)?.as_ref(), &filter, json)
+            }
+            Self::Verify { state, json } => verify(backend(&state)?.as_ref(), json),
+            Self::Export {
+                state,
+                format: ExportFormat::Jsonl,
+            } => {
+                let stdout = std::io::stdout();
+                let n = backend(&state)?
+                    .export_jsonl(&mut stdout.lock())
+                    .internal_err()?;
+                tracing::info!(records = n, "exported");
+                Ok(Outcome::Yes)
+            }
+            Self::Checkpoints { state } => {
+                print_json(&backend(&state)?.checkpoints().internal_err()?)?;
+                Ok(Outcome::Yes)
+            }
+            Self::Checkpoint { state } => {
+                let cp = backend(&state)?.checkpoint(&whoami()).internal_err()?;
+                print_json(&cp)?;
+                Ok(Outcome::Yes)
+            }
         }
     }
+}
+
+/// What the audit commands need from a decision log, wherever it is.
+pub trait AuditBackend {
+    fn query(&self, filter: &Filter) -> anyhow::Result<Vec<DecisionRecord>>;
+    fn verify(&self) -> anyhow::Result<VerifyReport>;
+    fn export_jsonl(&self, out: &mut dyn Write) -> anyhow::Result<u64>;
+    fn checkpoints(&self) -> anyhow::Result<Vec<Checkpoint>>;
+    /// Signs the head now and records the admin event (who, "audit checkpoint").
+    fn checkpoint(&self, who: &str) -> anyhow::Result<Checkpoint>;
+}
+
+/// The state opened directly (no gateway running).
+#[derive(Debug)]
+pub struct LocalBackend {
+    state: State,
+    log: DecisionLog,
+}
+
+impl AuditBackend for LocalBackend {
+    fn query(&self, filter: &Filter) -> anyhow::Result<Vec<DecisionRecord>> {
+        Ok(self.log.query(filter)?)
+    }
+    fn verify(&self) -> anyhow::Result<VerifyReport> {
+        Ok(self.log.verify()?)
+    }
+    fn export_jsonl(&self, out: &mut dyn Write) -> anyhow::Result<u64> {
+        Ok(self.log.export_jsonl(out)?)
+    }
+    fn checkpoints(&self) -> anyhow::Result<Vec<Checkpoint>> {
+        Ok(self.log.checkpoints()?)
+    }
+    fn checkpoint(&self, who: &str) -> anyhow::Result<Checkpoint> {
+        let signer = checkpoint_signer(&self.state)?;
+        let log = DecisionLog::open(self.state.db(), Some(signer))?;
+        log.append_admin_event(who, "audit checkpoint", SystemTime::now())?;
+        Ok(log.checkpoint(SystemTime::now())?)
+    }
+}
+
+/// Picks the backend for a state directory.
+pub fn backend(state: &Path) -> CliResult<Box<dyn AuditBackend>> {
+    let (state, log) = open_log(state)?;
+    Ok(Box::new(LocalBackend { state, log }))
+}
+
+/// Opens the state directory and its decision log; unreadable state is exit 3.
+pub fn open_log(state: &Path) -> CliResult<(State, DecisionLog)> {
+    let state = State::open(state).internal_err()?;
+    let log = DecisionLog::open(state.db(), None).internal_ctx(|| {
+        format!(
+            "cannot open the decision log in `{}`",
+            state.root().display()
+        )
+    })?;
+    Ok((state, log))
+}
+
+/// Parses an optional RFC 3339 time flag (malformed → exit 2).
+pub fn parse_time(value: Option<&str>) -> CliResult<Option<SystemTime>> {
+    value
+        .map(|v| {
+            meshgate_policy::parse_rfc3339(v).ok_or_else(|| {
+                CliError::input(anyhow!(
+                    "`{v}` is not an RFC 3339 time (like `2025-01-02T03:04:05Z`)"
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn query(backend: &dyn AuditBackend, filter: &Filter, json: bool) -> CliResult<Outcome> {
+    let records = backend.query(filter).internal_err()?;
+    if json {
+        print_json(&records)?;
+        return Ok(Outcome::Yes);
+    }
+    for r in &records {
+        let reasons = if r.reasons.is_empty() {
+            "-".to_owned()
+        } else {
+            r.reasons.join(",")
+        };
+        println!(
+            "{} {} {} {} {} {} {} {} policies={} id={}",
+            r.seq,
+            r.time,
+            r.decision.as_str(),
+            r.principal,
+            r.action,
+            if r.resource.is_empty() {
+                "-"
+            } else {
+                &r.resource
+            },
+            if r.path.is_empty() { "-" } else { &r.path },
+            r.status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            reasons,
+            r.id
+        );
+    }
+    Ok(Outcome::Yes)
+}
+
+fn verify(backend: &dyn AuditBackend, json: bool) -> CliResult<Outcome> {
+    let report = backend
+        .verify()
+        .internal_ctx(|| "cannot read the decision log")?;
+    if json {
+        print_json(&report)?;
+    } else if let Some(first) = report.first_bad() {
+        println!(
+            "tampering found: first bad record seq {}: {}",
+            first.seq, first.what
+        );
+        for p in report.problems.iter().skip(1) {
+            println!("  also at seq {}: {}", p.seq, p.what);
+        }
+    } else {
+        println!(
+            "ok: {} records (seq {} to {}), {} checkpoints verified; head {}",
+            report.records, report.first_seq, report.head_seq, report.checkpoints, report.head_hash
+        );
+    }
+    Ok(if report.is_ok() {
+        Outcome::Yes
+    } else {
+        Outcome::No
+    })
+}
+
+/// Loads `keys/audit-checkpoint.pem`, creating it (0600 from the start, atomically) if
+/// missing. A key file readable by others is refused.
+pub fn checkpoint_signer(state: &State) -> anyhow::Result<CheckpointSigner> {
+    let path = state.keys_dir().join(CHECKPOINT_KEY_FILE);
+    match fs::metadata(&path) {
+        Ok(meta) => {
+            if meta.permissions().mode() & 0o077 != 0 {
+                bail!(
+                    "`{}` is readable by others (mode {:o}); run `chmod 600` on it",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                );
+            }
+            let pem = fs::read_to_string(&path)
+                .with_context(|| format!("cannot read `{}`", path.display()))?;
+            Ok(CheckpointSigner::from_pkcs8_pem(&pem)
+                .with_context(|| format!("in `{}`", path.display()))?)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (signer, der) = CheckpointSigner::generate()?;
+            write_private(&path, CheckpointSigner::pkcs8_pem(&der).as_bytes())?;
+            Ok(signer)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read `{}`", path.display())),
+    }
+}
+
+/// Writes a private file atomically: a 0600 temp file beside it, fsync, rename, fsync dir.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("`{}` has no parent directory", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        CHECKPOINT_KEY_FILE,
+        std::process::id()
+    ));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create `{}`", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write `{}`", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move the key into `{}`", path.display()))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync `{}`", dir.display()))?;
+    Ok(())
+}
+
+/// Who runs the command, for admin events: `$USER`, else the numeric uid.
+fn whoami() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            fs::metadata("/proc/self")
+                .ok()
+                .map(|m| format!("uid:{}", m.uid()))
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
 }

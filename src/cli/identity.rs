@@ -1,19 +1,479 @@
-//! `meshgate identity …`
+//! `meshgate identity …`: the SPIFFE identity issuer from the command line.
 
-use clap::Subcommand;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::exit::{CliResult, Outcome};
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use meshgate_identity::agent::{Agent, AgentConfig, AgentError};
+use meshgate_identity::{
+    Issuer, IssuerError, SpiffeId, SvidCertResolver, TrustBundle, TrustDomain, serve_issuer_api,
+    write_atomic,
+};
+use serde_json::json;
+
+use crate::cli::{block_on, print_json};
+use crate::exit::{CliError, CliResult, Outcome, ResultExt};
+use crate::state::State;
+
+/// Lifetime of the `serve` listener certificate; it is re-issued at half of it.
+const SERVE_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
-    /// Placeholder until this area's commands land.
-    Placeholder,
+    /// Create a trust domain's state (CA root, JWT key) in a new state directory.
+    Init {
+        #[command(flatten)]
+        state: StateArg,
+        /// The trust domain, e.g. `east.example`.
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Registration entries: which SPIFFE IDs workloads may hold.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// One-time join tokens for `identity agent`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Issue an X.509-SVID to files: svid.pem (leaf first), key.pem (PKCS#8), bundle.pem.
+    Issue {
+        #[command(flatten)]
+        state: StateArg,
+        /// The SPIFFE ID, inside the state's trust domain.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. `1h`, `30m`.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+        /// Extra DNS SAN (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// Extra IP SAN (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the trust bundle (SPIFFE JSON by default, or PEM roots).
+    Bundle {
+        #[command(flatten)]
+        state: StateArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Spiffe)]
+        format: BundleFormat,
+    },
+    /// Two-step CA rotation.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+    /// Serve the issuer API over HTTPS (attest, renew, jwt, bundle).
+    Serve {
+        #[command(flatten)]
+        state: StateArg,
+        /// Address to listen on, e.g. `127.0.0.1:8443` (port 0 picks one; the bound address
+        /// is printed).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// DNS SAN for the listener certificate (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// IP SAN for the listener certificate (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+    },
+    /// Redeem a join token and keep svid.pem/key.pem/bundle.pem renewed in a directory.
+    Agent {
+        /// The issuer, `https://HOST:PORT`.
+        #[arg(long)]
+        issuer: String,
+        /// The bootstrap trust anchor: the issuer's bundle.pem.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The one-time join token.
+        #[arg(long)]
+        token: String,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StateArg {
+    /// The state directory.
+    #[arg(long = "state")]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BundleFormat {
+    /// The SPIFFE trust bundle JSON document.
+    Spiffe,
+    /// The X.509 roots as PEM.
+    Pem,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Register a SPIFFE ID.
+    Create {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        spiffe_id: String,
+        /// SVID lifetime.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+        /// DNS SAN (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List registration entries.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a registration entry (its SVIDs can no longer renew).
+    Delete {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time join token for a registered SPIFFE ID (printed once).
+    Create {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        spiffe_id: String,
+        /// Token lifetime.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
+        ttl: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateCommand {
+    /// Add a new root to the bundle without signing with it yet.
+    Prepare {
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Make the prepared root the signer; the old one stays until its SVIDs expire.
+    Activate {
+        #[command(flatten)]
+        state: StateArg,
+    },
 }
 
 impl IdentityCommand {
     pub fn run(self) -> CliResult<Outcome> {
+        let now = SystemTime::now();
         match self {
-            Self::Placeholder => Ok(Outcome::Yes),
+            Self::Init {
+                state,
+                trust_domain,
+            } => {
+                let td: TrustDomain = trust_domain
+                    .parse()
+                    .input_ctx(|| "invalid `--trust-domain`")?;
+                if state.dir.join("db").exists() {
+                    return Err(CliError::input(anyhow::anyhow!(
+                        "`{}` already holds a state; refusing to overwrite it",
+                        state.dir.display()
+                    )));
+                }
+                let st = State::create(&state.dir).internal_err()?;
+                Issuer::init(st.db(), &st.keys_dir(), td.clone(), now).map_err(issuer_err)?;
+                println!(
+                    "initialised trust domain `{td}` in `{}`",
+                    state.dir.display()
+                );
+            }
+            Self::Entry(cmd) => return cmd.run(now),
+            Self::Token(TokenCommand::Create {
+                state,
+                spiffe_id,
+                ttl,
+                json,
+            }) => {
+                let id = parse_id(&spiffe_id)?;
+                let (_st, issuer) = open(&state)?;
+                let token = issuer
+                    .create_join_token(&id, ttl, now)
+                    .map_err(issuer_err)?;
+                if json {
+                    print_json(&token)?;
+                } else {
+                    println!("{}", token.token);
+                }
+            }
+            Self::Issue {
+                state,
+                spiffe_id,
+                out,
+                ttl,
+                dns_names,
+                ips,
+                json,
+            } => {
+                let id = parse_id(&spiffe_id)?;
+                let (_st, issuer) = open(&state)?;
+                let svid = issuer
+                    .issue_x509_svid(&id, ttl, &dns_names, &ips, now)
+                    .map_err(issuer_err)?;
+                let key = svid
+                    .private_key_pem()
+                    .context("the issued SVID carries no key")
+                    .internal_err()?;
+                std::fs::create_dir_all(&out)
+                    .internal_ctx(|| format!("cannot create `{}`", out.display()))?;
+                write(&out.join("key.pem"), key.as_bytes(), 0o600)?;
+                write(
+                    &out.join("svid.pem"),
+                    svid.cert_chain_pem().as_bytes(),
+                    0o644,
+                )?;
+                write(
+                    &out.join("bundle.pem"),
+                    issuer.bundle().to_pem().as_bytes(),
+                    0o644,
+                )?;
+                let expires = unix(svid.not_after());
+                if json {
+                    print_json(&json!({
+                        "spiffe_id": id.as_str(), "expires_at": expires,
+                        "svid": out.join("svid.pem"), "key": out.join("key.pem"), "bundle": out.join("bundle.pem"),
+                    }))?;
+                } else {
+                    println!(
+                        "issued `{id}` to `{}` (expires at unix {expires})",
+                        out.display()
+                    );
+                }
+            }
+            Self::Bundle { state, format } => {
+                let (_st, issuer) = open(&state)?;
+                let bundle = issuer.bundle_at(now).map_err(issuer_err)?;
+                match format {
+                    BundleFormat::Spiffe => println!("{}", bundle.to_spiffe_json()),
+                    BundleFormat::Pem => print!("{}", bundle.to_pem()),
+                }
+            }
+            Self::Rotate(cmd) => {
+                let (state, step) = match &cmd {
+                    RotateCommand::Prepare { state } => (state, "prepared"),
+                    RotateCommand::Activate { state } => (state, "activated"),
+                };
+                let (_st, issuer) = open(state)?;
+                let status = match cmd {
+                    RotateCommand::Prepare { .. } => issuer.rotate_prepare(now),
+                    RotateCommand::Activate { .. } => issuer.rotate_activate(now),
+                }
+                .map_err(issuer_err)?;
+                println!(
+                    "root generation {} {step}; bundle sequence {}",
+                    status.generation, status.sequence
+                );
+            }
+            Self::Serve {
+                state,
+                listen,
+                dns_names,
+                ips,
+            } => serve(&state, listen, dns_names, ips)?,
+            Self::Agent {
+                issuer,
+                bundle,
+                token,
+                out,
+            } => agent(issuer, &bundle, token, out)?,
+        }
+        Ok(Outcome::Yes)
+    }
+}
+
+impl EntryCommand {
+    fn run(self, now: SystemTime) -> CliResult<Outcome> {
+        match self {
+            Self::Create {
+                state,
+                spiffe_id,
+                ttl,
+                dns_names,
+                json,
+            } => {
+                let id = parse_id(&spiffe_id)?;
+                let (_st, issuer) = open(&state)?;
+                let entry = issuer
+                    .create_entry(&id, Some(ttl), &dns_names, now)
+                    .map_err(issuer_err)?;
+                if json {
+                    print_json(&entry)?;
+                } else {
+                    println!(
+                        "created entry `{}` (ttl {}s)",
+                        entry.spiffe_id, entry.ttl_secs
+                    );
+                }
+            }
+            Self::List { state, json } => {
+                let (_st, issuer) = open(&state)?;
+                let entries = issuer.list_entries().map_err(issuer_err)?;
+                if json {
+                    print_json(&entries)?;
+                } else {
+                    for e in entries {
+                        println!(
+                            "{}\tttl={}s\tdns={}",
+                            e.spiffe_id,
+                            e.ttl_secs,
+                            e.dns_names.join(",")
+                        );
+                    }
+                }
+            }
+            Self::Delete { state, spiffe_id } => {
+                let id = parse_id(&spiffe_id)?;
+                let (_st, issuer) = open(&state)?;
+                issuer.delete_entry(&id).map_err(issuer_err)?;
+                println!("deleted entry `{id}`");
+            }
+        }
+        Ok(Outcome::Yes)
+    }
+}
+
+fn parse_id(s: &str) -> CliResult<SpiffeId> {
+    s.parse::<SpiffeId>().input_ctx(|| "invalid `--spiffe-id`")
+}
+
+fn issuer_err(e: IssuerError) -> CliError {
+    if e.is_input() {
+        CliError::input(e)
+    } else {
+        CliError::internal(e)
+    }
+}
+
+fn open(state: &StateArg) -> CliResult<(State, Issuer)> {
+    let st = State::open(&state.dir).internal_err()?;
+    let issuer = Issuer::open(st.db(), &st.keys_dir()).map_err(|e| match e {
+        IssuerError::NotInitialised => CliError::internal(e),
+        other => issuer_err(other),
+    })?;
+    Ok((st, issuer))
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> CliResult<()> {
+    write_atomic(path, bytes, mode).internal_ctx(|| format!("cannot write `{}`", path.display()))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
     }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn serve(
+    state: &StateArg,
+    listen: SocketAddr,
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+) -> CliResult<()> {
+    let (_st, issuer) = open(state)?;
+    let issuer = Arc::new(issuer);
+    let gateway = SpiffeId::gateway(issuer.trust_domain());
+    let svid = issuer
+        .issue_x509_svid(
+            &gateway,
+            SERVE_CERT_TTL,
+            &dns_names,
+            &ips,
+            SystemTime::now(),
+        )
+        .map_err(issuer_err)?;
+    let resolver = Arc::new(SvidCertResolver::new(&svid).internal_err()?);
+    block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .internal_ctx(|| format!("cannot listen on `{listen}`"))?;
+        let bound = listener.local_addr().internal_err()?;
+        println!("listening on {bound}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let renewer = {
+            let (issuer, resolver) = (issuer.clone(), resolver.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(SERVE_CERT_TTL / 2).await;
+                    match issuer.issue_x509_svid(
+                        &gateway,
+                        SERVE_CERT_TTL,
+                        &dns_names,
+                        &ips,
+                        SystemTime::now(),
+                    ) {
+                        Ok(svid) => {
+                            if let Err(e) = resolver.update(&svid) {
+                                tracing::error!(error = %e, "cannot load the renewed listener certificate");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot renew the listener certificate")
+                        }
+                    }
+                }
+            })
+        };
+        let result = serve_issuer_api(listener, issuer, resolver, shutdown_signal()).await;
+        renewer.abort();
+        result.internal_ctx(|| "issuer API failed")
+    })?
+}
+
+fn agent(issuer: String, bundle: &Path, token: String, out: PathBuf) -> CliResult<()> {
+    let pem =
+        std::fs::read(bundle).internal_ctx(|| format!("cannot read `{}`", bundle.display()))?;
+    let bundle = TrustBundle::from_pem_infer(&pem)
+        .input_ctx(|| format!("`{}` is not a usable bundle", bundle.display()))?;
+    std::fs::create_dir_all(&out).internal_ctx(|| format!("cannot create `{}`", out.display()))?;
+    let config = AgentConfig::new(issuer, bundle, token, out);
+    // A bad URL is bad input; check it before starting.
+    meshgate_identity::IssuerClient::new(&config.issuer_url, config.bundle.clone()).input_err()?;
+    let agent = Agent::new(config);
+    block_on(async move { agent.run(shutdown_signal()).await })?.map_err(|e| match e {
+        AgentError::Refused(_) => CliError::input(e),
+        other => CliError::internal(other),
+    })
 }

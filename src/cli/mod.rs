@@ -1,6 +1,7 @@
 //! The `meshgate` command line: one subcommand module per area.
 
 mod audit;
+mod gateway;
 mod identity;
 mod policy;
 
@@ -29,6 +30,8 @@ enum Command {
     /// Cedar policies: validate, check, test, replay.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run a cluster's gateway (issuer API, tunnel, enforcement, decision log).
+    Gateway(gateway::GatewayArgs),
     /// The tamper-evident decision log: query, verify, export.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -40,6 +43,7 @@ impl Cli {
             Command::Identity(cmd) => cmd.run(),
             Command::Policy(cmd) => cmd.run(),
             Command::Audit(cmd) => cmd.run(),
+            Command::Gateway(cmd) => cmd.run(),
         }
     }
 }
@@ -50,7 +54,9 @@ pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let json = json || std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests calling in-process) is harmless: ignore the error.
     if json {
         let _ = builder.json().try_init();
@@ -72,6 +78,9 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> CliResult<()> {
 #[allow(dead_code)]
 pub fn block_on<F: std::future::Future>(fut: F) -> CliResult<F::Output> {
     use crate::exit::ResultExt;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().internal_err()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .internal_err()?;
     Ok(rt.block_on(fut))
 }

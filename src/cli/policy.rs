@@ -1,19 +1,320 @@
-//! `meshgate policy …`
+//! `meshgate policy …`: validate, check, test and replay Cedar policy sets.
 
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::anyhow;
 use clap::Subcommand;
+use meshgate_policy::{CheckContext, Filter, LoadError, PolicyEngine, what_if_facts};
+use serde_json::json;
 
-use crate::exit::{CliResult, Outcome};
+use super::audit::{open_log, parse_time};
+use super::print_json;
+use crate::exit::{CliError, CliResult, Outcome, ResultExt};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Placeholder until this area's commands land.
-    Placeholder,
+    /// Validate every policy in DIR against the schema (strict mode). Exit 0 valid, 1 invalid.
+    Validate {
+        /// The policy directory (`*.cedar` files and an optional `links.toml`).
+        dir: PathBuf,
+        /// A Cedar schema file (default: the schema shipped with meshgate).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Decide one what-if request and show the determining policies (a deny still exits 0).
+    Check {
+        /// The policy directory.
+        dir: PathBuf,
+        /// The caller's SPIFFE ID, e.g. `spiffe://east.example/ns/shop/sa/web`.
+        #[arg(long)]
+        principal: String,
+        /// An HTTP method (`GET`, `POST`, …) or `connect`.
+        #[arg(long)]
+        action: String,
+        /// The service, `<service>.<namespace>.<cluster>`.
+        #[arg(long)]
+        resource: String,
+        /// A partial context as JSON: path, raw_path, source_cluster, destination_cluster,
+        /// destination_trust_domain, mtls, time, headers, claims, labels (all optional).
+        #[arg(long)]
+        context: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A Cedar schema file (default: the shipped schema).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Run a TOML file of request/expected-decision cases. Exit 1 on any failure.
+    Test {
+        /// The policy directory.
+        dir: PathBuf,
+        /// The cases file (`[[case]]` tables; see `examples/policy-tests.toml`).
+        cases: PathBuf,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+        /// A Cedar schema file (default: the shipped schema).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Re-decide recorded requests with a candidate policy set and list every flip.
+    Replay {
+        /// The state directory holding the decision log.
+        #[arg(long)]
+        log: PathBuf,
+        /// The candidate policy directory.
+        #[arg(long)]
+        policies: PathBuf,
+        /// Only records at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Print one JSON object with the flips and a summary.
+        #[arg(long)]
+        json: bool,
+        /// A Cedar schema file (default: the shipped schema).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
 }
 
 impl PolicyCommand {
     pub fn run(self) -> CliResult<Outcome> {
         match self {
-            Self::Placeholder => Ok(Outcome::Yes),
+            Self::Validate { dir, schema } => validate(&dir, schema.as_deref()),
+            Self::Check {
+                dir,
+                principal,
+                action,
+                resource,
+                context,
+                json,
+                schema,
+            } => check(
+                &dir,
+                schema.as_deref(),
+                &principal,
+                &action,
+                &resource,
+                context.as_deref(),
+                json,
+            ),
+            Self::Test {
+                dir,
+                cases,
+                json,
+                schema,
+            } => test(&dir, schema.as_deref(), &cases, json),
+            Self::Replay {
+                log,
+                policies,
+                since,
+                until,
+                json,
+                schema,
+            } => replay(
+                &log,
+                &policies,
+                schema.as_deref(),
+                since.as_deref(),
+                until.as_deref(),
+                json,
+            ),
         }
     }
+}
+
+fn validate(dir: &Path, schema: Option<&Path>) -> CliResult<Outcome> {
+    match PolicyEngine::load(dir, schema) {
+        Ok(engine) => {
+            let s = engine.stats();
+            println!(
+                "valid: {} policies, {} templates, {} template links in `{}` (version {})",
+                s.policies,
+                s.templates,
+                s.links,
+                dir.display(),
+                engine.version()
+            );
+            Ok(Outcome::Yes)
+        }
+        Err(e @ (LoadError::Invalid(_) | LoadError::NoPolicies(_))) => {
+            eprintln!("invalid: {e}");
+            Ok(Outcome::No)
+        }
+        Err(e) => Err(load_failure(e)),
+    }
+}
+
+/// Loads a set for check/test/replay: an invalid set is malformed input (exit 2).
+pub(crate) fn load_engine(dir: &Path, schema: Option<&Path>) -> CliResult<PolicyEngine> {
+    PolicyEngine::load(dir, schema).map_err(load_failure)
+}
+
+fn load_failure(e: LoadError) -> CliError {
+    match &e {
+        LoadError::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
+            CliError::internal(e)
+        }
+        _ => CliError::input(e),
+    }
+}
+
+fn check(
+    dir: &Path,
+    schema: Option<&Path>,
+    principal: &str,
+    action: &str,
+    resource: &str,
+    context: Option<&str>,
+    json: bool,
+) -> CliResult<Outcome> {
+    let engine = load_engine(dir, schema)?;
+    let ctx: CheckContext = match context {
+        Some(text) => {
+            serde_json::from_str(text).input_ctx(|| "`--context` is not a valid context object")?
+        }
+        None => CheckContext::default(),
+    };
+    let facts = what_if_facts(principal, action, resource, &ctx, SystemTime::now()).input_err()?;
+    let d = engine.decide(&facts);
+    if d.evaluation_failed {
+        return Err(CliError::input(anyhow!("{}", d.errors.join("; "))));
+    }
+    let decision = if d.allowed { "allow" } else { "deny" };
+    if json {
+        print_json(&json!({
+            "decision": decision,
+            "reasons": d.reasons,
+            "errors": d.errors,
+            "policy_version": d.policy_version,
+            "path": d.normalized_path,
+            "quota": d.quota.as_ref().map(ToString::to_string),
+            "eval_time_us": d.eval_time.as_micros(),
+        }))?;
+    } else {
+        println!("{decision}");
+        println!("  determined by: {}", reasons_text(&d.reasons, d.allowed));
+        for e in &d.errors {
+            println!("  error: {e}");
+        }
+        if let Some(q) = &d.quota {
+            println!("  quota: {q}");
+        }
+        println!("  path: {}", d.normalized_path);
+        println!("  policy set: {}", d.policy_version);
+    }
+    Ok(Outcome::Yes)
+}
+
+pub(crate) fn reasons_text(reasons: &[String], allowed: bool) -> String {
+    match (reasons.is_empty(), allowed) {
+        (true, false) => "no policy (default deny)".to_owned(),
+        (true, true) => "no policy".to_owned(),
+        _ => reasons.join(", "),
+    }
+}
+
+fn test(dir: &Path, schema: Option<&Path>, cases: &Path, json: bool) -> CliResult<Outcome> {
+    let engine = load_engine(dir, schema)?;
+    let text = std::fs::read_to_string(cases)
+        .input_ctx(|| format!("cannot read `{}`", cases.display()))?;
+    let results = meshgate_policy::run_cases(&engine, &text, SystemTime::now())
+        .input_ctx(|| format!("in `{}`", cases.display()))?;
+    let failed = results.iter().filter(|r| !r.passed).count();
+    if json {
+        print_json(
+            &json!({ "passed": results.len() - failed, "failed": failed, "cases": results }),
+        )?;
+    } else {
+        for r in &results {
+            if r.passed {
+                println!("PASS {}", r.name);
+                continue;
+            }
+            let got = if r.allowed { "allow" } else { "deny" };
+            let want = match r.expected {
+                meshgate_policy::Expect::Allow => "allow",
+                _ => "deny",
+            };
+            println!("FAIL {}: expected {want}, got {got}", r.name);
+            if let Some(want) = &r.expected_reasons {
+                println!("  expected determining policies: {}", want.join(", "));
+            }
+            println!("  determined by: {}", reasons_text(&r.reasons, r.allowed));
+            for e in &r.errors {
+                println!("  error: {e}");
+            }
+        }
+        println!("{} passed, {failed} failed", results.len() - failed);
+    }
+    Ok(if failed == 0 {
+        Outcome::Yes
+    } else {
+        Outcome::No
+    })
+}
+
+fn replay(
+    state: &Path,
+    policies: &Path,
+    schema: Option<&Path>,
+    since: Option<&str>,
+    until: Option<&str>,
+    json: bool,
+) -> CliResult<Outcome> {
+    let engine = load_engine(policies, schema)?;
+    let filter = Filter {
+        since: parse_time(since)?,
+        until: parse_time(until)?,
+        ..Filter::default()
+    };
+    let (_state, log) = open_log(state)?;
+    let (flips, sum) = meshgate_policy::replay(&log, &engine, &filter).internal_err()?;
+    if json {
+        print_json(
+            &json!({ "flips": flips, "summary": sum, "candidate_version": engine.version().to_string() }),
+        )?;
+        return Ok(Outcome::Yes);
+    }
+    let word = |a: bool| if a { "allow" } else { "deny" };
+    for f in &flips {
+        println!(
+            "seq {} {} {} {} {} {}: {} -> {}",
+            f.seq,
+            f.time,
+            f.principal,
+            f.action,
+            f.resource,
+            f.path,
+            word(f.before.allowed),
+            word(f.after.allowed)
+        );
+        println!(
+            "  before: {} (policy set {})",
+            reasons_text(&f.before.reasons, f.before.allowed),
+            f.before.policy_version
+        );
+        println!(
+            "  after:  {} (policy set {})",
+            reasons_text(&f.after.reasons, f.after.allowed),
+            f.after.policy_version
+        );
+        for e in &f.errors {
+            println!("  error: {e}");
+        }
+    }
+    println!(
+        "{} requests replayed, {} skipped (no request facts); {} flips: {} allow -> deny, {} deny -> allow",
+        sum.replayed,
+        sum.skipped,
+        sum.allow_to_deny + sum.deny_to_allow,
+        sum.allow_to_deny,
+        sum.deny_to_allow
+    );
+    Ok(Outcome::Yes)
 }

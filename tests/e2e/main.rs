@@ -1,1 +1,9 @@
-//! End-to-end tests of the whole mesh.
+//! End-to-end tests of the whole mesh: one test binary, modules per area.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod gateway;
+mod gateway_cli;
+mod identity_cli;
+mod policy_cli;
+mod support;
+mod tunnel_attacks;

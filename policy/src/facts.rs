@@ -1,0 +1,383 @@
+//! Request facts and the one builder that turns them into a Cedar request and entities
+//! (CONTRACTS.md, "The Cedar model"). The gateway, `policy check`, `policy test` and
+//! `policy replay` all go through [`build`].
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use cedar_policy::{
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
+    Schema,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::path::{PathError, normalize_path};
+
+/// Headers that carry credentials: never exposed to policies and never logged.
+pub const HIDDEN_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
+
+/// Everything the gateway knows about one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFacts {
+    /// The caller's SPIFFE ID, e.g. `spiffe://east.example/ns/shop/sa/web`.
+    pub caller: String,
+    /// The destination service, `<service>.<namespace>.<cluster>`.
+    pub service: String,
+    /// The trust domain of the service's cluster.
+    pub destination_trust_domain: String,
+    /// The HTTP method, or `CONNECT` for raw TCP.
+    pub method: String,
+    /// The request target as sent (path and query).
+    pub raw_path: String,
+    /// Request headers (lowercased names) the gateway exposes to policies.
+    pub headers: Vec<(String, String)>,
+    /// The cluster the request comes from.
+    pub source_cluster: String,
+    /// The cluster the service runs in.
+    pub destination_cluster: String,
+    /// Whether the caller was authenticated by mutual TLS on this hop.
+    pub mtls: bool,
+    /// When the request arrived.
+    #[serde(with = "crate::timefmt::serde_system_time")]
+    pub time: SystemTime,
+    /// Verified end-user JWT claims, if any.
+    pub claims: Option<BTreeMap<String, String>>,
+    /// The destination service's labels.
+    pub service_labels: BTreeMap<String, String>,
+}
+
+/// Why request facts could not be turned into a Cedar request (the request is denied).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum FactsError {
+    /// The caller is not a valid SPIFFE ID.
+    #[error("caller `{0}` is not a valid SPIFFE ID")]
+    BadCaller(String),
+    /// The service is not `<service>.<namespace>.<cluster>`.
+    #[error("service `{0}` is not `<service>.<namespace>.<cluster>`")]
+    BadService(String),
+    /// The destination trust domain is not a valid trust domain name.
+    #[error("destination trust domain `{0}` is not a valid trust domain")]
+    BadTrustDomain(String),
+    /// The method maps to no action of the schema.
+    #[error("method `{0}` is not allowed through the mesh")]
+    UnknownMethod(String),
+    /// The path was refused by normalization.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The request time cannot be expressed as a Cedar datetime.
+    #[error("request time cannot be represented as a datetime")]
+    Time,
+    /// Cedar refused the request or its entities (they do not conform to the schema).
+    #[error("cedar refused the request: {0}")]
+    Cedar(String),
+}
+
+/// A parsed SPIFFE ID: `spiffe://<trust domain><path>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Caller {
+    pub trust_domain: String,
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+}
+
+impl Caller {
+    /// Parses a SPIFFE ID (lowercase trust domain, path segments of `[A-Za-z0-9._-]` that are
+    /// neither `.` nor `..`), recognizing `/ns/<namespace>/sa/<account>`.
+    pub fn parse(id: &str) -> Result<Self, FactsError> {
+        let bad = || FactsError::BadCaller(id.chars().take(200).collect());
+        if id.len() > 2048 {
+            return Err(bad());
+        }
+        let rest = id.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let (td, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if !valid_trust_domain(td) {
+            return Err(bad());
+        }
+        let segments: Vec<&str> = if path.is_empty() {
+            Vec::new()
+        } else {
+            path[1..].split('/').collect()
+        };
+        let seg_ok = |s: &&str| {
+            !s.is_empty()
+                && *s != "."
+                && *s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        };
+        if !segments.iter().all(seg_ok) {
+            return Err(bad());
+        }
+        let (namespace, service_account) = match segments.as_slice() {
+            ["ns", ns, "sa", sa] => (Some((*ns).to_owned()), Some((*sa).to_owned())),
+            _ => (None, None),
+        };
+        Ok(Self {
+            trust_domain: td.to_owned(),
+            namespace,
+            service_account,
+        })
+    }
+}
+
+/// A trust domain: non-empty, at most 255 bytes of `[a-z0-9.-_]`.
+pub(crate) fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty()
+        && td.len() <= 255
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
+}
+
+/// `<service>.<namespace>.<cluster>` split in its three labels.
+pub(crate) fn split_service(service: &str) -> Result<(&str, &str, &str), FactsError> {
+    let bad = || FactsError::BadService(service.chars().take(200).collect());
+    let label_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let mut parts = service.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(s), Some(n), Some(c), None) if label_ok(s) && label_ok(n) && label_ok(c) => {
+            Ok((s, n, c))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// The action id for a method: the uppercased HTTP method, or `connect` for `CONNECT`.
+pub(crate) fn action_name(method: &str) -> Result<&'static str, FactsError> {
+    const METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"];
+    let upper = method.to_ascii_uppercase();
+    if upper == "CONNECT" {
+        return Ok("connect");
+    }
+    METHODS
+        .iter()
+        .find(|m| **m == upper)
+        .copied()
+        .ok_or_else(|| FactsError::UnknownMethod(method.chars().take(64).collect()))
+}
+
+/// A built Cedar request with its entities.
+#[derive(Debug)]
+pub(crate) struct Built {
+    pub request: Request,
+    pub entities: Entities,
+    pub normalized_path: String,
+}
+
+/// The one builder: request facts → Cedar request + entities, checked against `schema`.
+pub(crate) fn build(facts: &RequestFacts, schema: &Schema) -> Result<Built, FactsError> {
+    let caller = Caller::parse(&facts.caller)?;
+    let (svc_name, svc_ns, svc_cluster) = split_service(&facts.service)?;
+    if !valid_trust_domain(&facts.destination_trust_domain) {
+        return Err(FactsError::BadTrustDomain(
+            facts.destination_trust_domain.chars().take(200).collect(),
+        ));
+    }
+    let action = action_name(&facts.method)?;
+    let path = normalize_path(&facts.raw_path)?;
+    let time = crate::timefmt::cedar_datetime(facts.time).ok_or(FactsError::Time)?;
+
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let mut entities = Vec::with_capacity(8);
+
+    // The caller and its parents.
+    let caller_td = uid("TrustDomain", &caller.trust_domain)?;
+    let mut caller_parents = vec![caller_td.clone()];
+    entities.push(Entity::new_no_attrs(caller_td, Default::default()));
+    let mut caller_attrs = vec![("trust_domain".to_owned(), s(&caller.trust_domain))];
+    if let (Some(ns), Some(sa)) = (&caller.namespace, &caller.service_account) {
+        let ns_uid = namespace_entity(&mut entities, &caller.trust_domain, ns)?;
+        caller_parents.push(ns_uid);
+        caller_attrs.push(("namespace".to_owned(), s(ns)));
+        caller_attrs.push(("service_account".to_owned(), s(sa)));
+    }
+    if !facts.source_cluster.is_empty() {
+        caller_attrs.push(("cluster".to_owned(), s(&facts.source_cluster)));
+    }
+    let principal = uid("Workload", &facts.caller)?;
+    entities.push(entity(principal.clone(), caller_attrs, caller_parents, [])?);
+
+    // The service and its namespace in the destination trust domain.
+    let svc_ns_uid = namespace_entity(&mut entities, &facts.destination_trust_domain, svc_ns)?;
+    let resource = uid("Service", &facts.service)?;
+    let labels = facts.service_labels.iter().map(|(k, v)| (k.clone(), s(v)));
+    entities.push(entity(
+        resource.clone(),
+        [
+            ("name".to_owned(), s(svc_name)),
+            ("namespace".to_owned(), s(svc_ns)),
+            ("cluster".to_owned(), s(svc_cluster)),
+            (
+                "trust_domain".to_owned(),
+                s(&facts.destination_trust_domain),
+            ),
+        ],
+        [svc_ns_uid],
+        labels,
+    )?);
+
+    // Headers and claims as tags on their own entities.
+    let headers_uid = uid("Headers", "request")?;
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in &facts.headers {
+        let name = name.to_ascii_lowercase();
+        if HIDDEN_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        // Repeated headers are joined as HTTP does (RFC 9110 §5.3).
+        let slot = headers.entry(name).or_default();
+        if !slot.is_empty() {
+            slot.push_str(", ");
+        }
+        slot.push_str(value);
+    }
+    entities.push(entity(
+        headers_uid.clone(),
+        [],
+        [],
+        headers.into_iter().map(|(k, v)| (k, s(&v))),
+    )?);
+    let claims_uid = uid("Claims", "request")?;
+    let claims = facts
+        .claims
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), s(v)));
+    entities.push(entity(claims_uid.clone(), [], [], claims)?);
+
+    let context = Context::from_pairs([
+        ("path".to_owned(), s(&path)),
+        ("raw_path".to_owned(), s(&facts.raw_path)),
+        ("method".to_owned(), s(&facts.method.to_ascii_uppercase())),
+        ("source_cluster".to_owned(), s(&facts.source_cluster)),
+        (
+            "destination_cluster".to_owned(),
+            s(&facts.destination_cluster),
+        ),
+        (
+            "mtls".to_owned(),
+            RestrictedExpression::new_bool(facts.mtls),
+        ),
+        ("time".to_owned(), RestrictedExpression::new_datetime(time)),
+        (
+            "headers".to_owned(),
+            RestrictedExpression::new_entity_uid(headers_uid),
+        ),
+        (
+            "claims".to_owned(),
+            RestrictedExpression::new_entity_uid(claims_uid),
+        ),
+        (
+            "has_claims".to_owned(),
+            RestrictedExpression::new_bool(facts.claims.is_some()),
+        ),
+    ])
+    .map_err(cedar_err)?;
+    let action = uid("Action", action)?;
+    let request =
+        Request::new(principal, action, resource, context, Some(schema)).map_err(cedar_err)?;
+    let entities = Entities::from_entities(entities, Some(schema)).map_err(cedar_err)?;
+    Ok(Built {
+        request,
+        entities,
+        normalized_path: path,
+    })
+}
+
+fn namespace_entity(
+    entities: &mut Vec<Entity>,
+    td: &str,
+    ns: &str,
+) -> Result<EntityUid, FactsError> {
+    let ns_uid = uid("Namespace", &format!("{td}/{ns}"))?;
+    if entities.iter().any(|e| e.uid() == ns_uid) {
+        return Ok(ns_uid);
+    }
+    let td_uid = uid("TrustDomain", td)?;
+    if !entities.iter().any(|e| e.uid() == td_uid) {
+        entities.push(Entity::new_no_attrs(td_uid.clone(), Default::default()));
+    }
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    entities.push(entity(
+        ns_uid.clone(),
+        [
+            ("trust_domain".to_owned(), s(td)),
+            ("name".to_owned(), s(ns)),
+        ],
+        [td_uid],
+        [],
+    )?);
+    Ok(ns_uid)
+}
+
+fn entity(
+    uid: EntityUid,
+    attrs: impl IntoIterator<Item = (String, RestrictedExpression)>,
+    parents: impl IntoIterator<Item = EntityUid>,
+    tags: impl IntoIterator<Item = (String, RestrictedExpression)>,
+) -> Result<Entity, FactsError> {
+    Entity::new_with_tags(uid, attrs, parents, tags).map_err(cedar_err)
+}
+
+pub(crate) fn uid(ty: &str, id: &str) -> Result<EntityUid, FactsError> {
+    let ty = EntityTypeName::from_str(ty).map_err(cedar_err)?;
+    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+}
+
+fn cedar_err(e: impl std::fmt::Display) -> FactsError {
+    FactsError::Cedar(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_parse_with_and_without_namespace() {
+        let c = Caller::parse("spiffe://east.example/ns/shop/sa/web").unwrap();
+        assert_eq!(c.trust_domain, "east.example");
+        assert_eq!(c.namespace.as_deref(), Some("shop"));
+        assert_eq!(c.service_account.as_deref(), Some("web"));
+        let g = Caller::parse("spiffe://east.example/meshgate/gateway").unwrap();
+        assert_eq!(g.namespace, None);
+        for bad in [
+            "http://east.example/ns/a/sa/b",
+            "spiffe://",
+            "spiffe://East.example/x",
+            "spiffe://east.example/ns/../sa/b",
+            "spiffe://east.example//x",
+            "spiffe://east.example/x/",
+            "spiffe://east.example/a b",
+        ] {
+            assert!(Caller::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn services_and_methods() {
+        assert_eq!(
+            split_service("orders.shop.west").unwrap(),
+            ("orders", "shop", "west")
+        );
+        assert!(split_service("orders.shop").is_err());
+        assert!(split_service("orders.shop.west.mesh").is_err());
+        assert!(split_service("Orders.shop.west").is_err());
+        assert_eq!(action_name("get").unwrap(), "GET");
+        assert_eq!(action_name("CONNECT").unwrap(), "connect");
+        assert!(matches!(
+            action_name("TRACE"),
+            Err(FactsError::UnknownMethod(_))
+        ));
+    }
+}

@@ -1,0 +1,307 @@
+//! Decision records and their canonical encoding.
+//!
+//! **Canonical encoding.** A record's *body* is its JSON object as serialized by serde_json
+//! in compact form, members in the order of [`DecisionRecord`]'s fields, without the `hash`
+//! member. Its hash is `SHA-256("meshgate.audit.v1\0" || body)`, hex-encoded. Each body
+//! carries `seq` and the previous record's hash in `prev_hash` (64 zeros for the first
+//! record), which chains the log. sled stores `hash (32 bytes) || body` under the key
+//! `seq` (8 bytes, big-endian) in the tree `audit.records`; verification re-hashes the
+//! stored body bytes exactly. An exported JSON line is the body with `"hash":"…"` appended
+//! as the last member, so removing that member gives the body back.
+
+use std::time::SystemTime;
+
+use aws_lc_rs::digest;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Decision, ShadowOutcome};
+use crate::facts::{HIDDEN_HEADERS, RequestFacts, action_name};
+use crate::timefmt::to_rfc3339;
+
+const HASH_DOMAIN: &[u8] = b"meshgate.audit.v1\0";
+/// `prev_hash` of the first record.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What became of a request (or that the record is an admin event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DecisionKind {
+    /// Allowed and within quota.
+    Allow,
+    /// Denied by policy (explicit forbid or default deny).
+    Deny,
+    /// Allowed by policy but over quota (429).
+    QuotaExceeded,
+    /// Could not be evaluated (bad facts, log failure): denied.
+    Error,
+    /// An administrative action (who in `principal`, what in `action`).
+    Admin,
+}
+
+impl DecisionKind {
+    /// The lowercase name used in records and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::Error => "error",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Whether the policies allowed the request (allow or quota exceeded).
+    pub fn policy_allowed(self) -> bool {
+        matches!(self, Self::Allow | Self::QuotaExceeded)
+    }
+}
+
+impl std::str::FromStr for DecisionKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow" => Ok(Self::Allow),
+            "deny" => Ok(Self::Deny),
+            "quota_exceeded" => Ok(Self::QuotaExceeded),
+            "error" => Ok(Self::Error),
+            "admin" => Ok(Self::Admin),
+            _ => Err(format!(
+                "`{s}` is not one of allow, deny, quota_exceeded, error, admin"
+            )),
+        }
+    }
+}
+
+/// What the caller hands to [`crate::DecisionLog::append`]; the log adds seq, chain and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionRecordInput {
+    /// When the decision was made.
+    pub time: SystemTime,
+    /// The decision id (returned in `x-meshgate-decision-id`); generated when `None`.
+    pub id: Option<String>,
+    /// The W3C trace id from `traceparent`.
+    pub trace_id: Option<String>,
+    /// The SPIFFE ID of the gateway the request came through.
+    pub source_gateway: Option<String>,
+    /// The outcome.
+    pub decision: DecisionKind,
+    /// The caller (or, for admin events, who acted).
+    pub principal: String,
+    /// The action (or, for admin events, what was done).
+    pub action: String,
+    /// The service.
+    pub resource: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The path as sent.
+    pub raw_path: String,
+    /// The normalized path.
+    pub path: String,
+    /// Determining policy ids.
+    pub reasons: Vec<String>,
+    /// Evaluation errors.
+    pub errors: Vec<String>,
+    /// The shadow set's answer.
+    pub shadow: Option<ShadowOutcome>,
+    /// The enforced set's version.
+    pub policy_version: String,
+    /// The quota bucket charged.
+    pub quota_key: Option<String>,
+    /// Tokens left in it after this request.
+    pub quota_remaining: Option<u64>,
+    /// The HTTP status returned, when known.
+    pub status: Option<u16>,
+    /// The request facts, so `policy replay` can re-decide the request (credential headers
+    /// are removed).
+    pub facts: Option<RequestFacts>,
+}
+
+impl DecisionRecordInput {
+    /// A record of `decision` on `facts`: `allow`, `deny`, or `error` when the request could
+    /// not be evaluated. Set `decision` to `QuotaExceeded` after a refused quota charge, and
+    /// fill in id, trace id, gateway, quota and status as known.
+    pub fn from_decision(facts: &RequestFacts, decision: &Decision) -> Self {
+        let kind = if decision.evaluation_failed {
+            DecisionKind::Error
+        } else if decision.allowed {
+            DecisionKind::Allow
+        } else {
+            DecisionKind::Deny
+        };
+        let mut kept = facts.clone();
+        kept.headers
+            .retain(|(k, _)| !HIDDEN_HEADERS.contains(&k.to_ascii_lowercase().as_str()));
+        Self {
+            time: facts.time,
+            id: None,
+            trace_id: None,
+            source_gateway: None,
+            decision: kind,
+            principal: facts.caller.clone(),
+            action: action_name(&facts.method).map_or_else(|_| facts.method.clone(), str::to_owned),
+            resource: facts.service.clone(),
+            method: facts.method.clone(),
+            raw_path: facts.raw_path.clone(),
+            path: decision.normalized_path.clone(),
+            reasons: decision.reasons.clone(),
+            errors: decision.errors.clone(),
+            shadow: decision.shadow.clone(),
+            policy_version: decision.policy_version.clone(),
+            quota_key: None,
+            quota_remaining: None,
+            status: None,
+            facts: Some(kept),
+        }
+    }
+
+    /// An admin event: `who` did `what` at `time`.
+    pub fn admin(who: &str, what: &str, time: SystemTime) -> Self {
+        Self {
+            time,
+            id: None,
+            trace_id: None,
+            source_gateway: None,
+            decision: DecisionKind::Admin,
+            principal: who.to_owned(),
+            action: what.to_owned(),
+            resource: String::new(),
+            method: String::new(),
+            raw_path: String::new(),
+            path: String::new(),
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            shadow: None,
+            policy_version: String::new(),
+            quota_key: None,
+            quota_remaining: None,
+            status: None,
+            facts: None,
+        }
+    }
+}
+
+/// One stored record. Field order is the canonical encoding's member order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRecord {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// The previous record's hash.
+    pub prev_hash: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// The decision id.
+    pub id: String,
+    /// The W3C trace id.
+    pub trace_id: Option<String>,
+    /// The source gateway's SPIFFE ID.
+    pub source_gateway: Option<String>,
+    /// The outcome.
+    pub decision: DecisionKind,
+    /// The caller (or who, for admin events).
+    pub principal: String,
+    /// The action (or what, for admin events).
+    pub action: String,
+    /// The service.
+    pub resource: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The path as sent.
+    pub raw_path: String,
+    /// The normalized path.
+    pub path: String,
+    /// Determining policy ids.
+    pub reasons: Vec<String>,
+    /// Evaluation errors.
+    pub errors: Vec<String>,
+    /// The shadow set's answer.
+    pub shadow: Option<ShadowOutcome>,
+    /// The enforced set's version.
+    pub policy_version: String,
+    /// The quota bucket charged.
+    pub quota_key: Option<String>,
+    /// Tokens left after this request.
+    pub quota_remaining: Option<u64>,
+    /// The HTTP status returned.
+    pub status: Option<u16>,
+    /// The request facts (for replay).
+    pub facts: Option<RequestFacts>,
+    /// This record's hash (not part of the body).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
+}
+
+impl DecisionRecord {
+    pub(crate) fn new(input: DecisionRecordInput, seq: u64, prev_hash: String, id: String) -> Self {
+        Self {
+            seq,
+            prev_hash,
+            time: to_rfc3339(input.time),
+            id,
+            trace_id: input.trace_id,
+            source_gateway: input.source_gateway,
+            decision: input.decision,
+            principal: input.principal,
+            action: input.action,
+            resource: input.resource,
+            method: input.method,
+            raw_path: input.raw_path,
+            path: input.path,
+            reasons: input.reasons,
+            errors: input.errors,
+            shadow: input.shadow,
+            policy_version: input.policy_version,
+            quota_key: input.quota_key,
+            quota_remaining: input.quota_remaining,
+            status: input.status,
+            facts: input.facts,
+            hash: String::new(),
+        }
+    }
+
+    /// The record's time.
+    pub fn system_time(&self) -> Option<SystemTime> {
+        crate::timefmt::parse_rfc3339(&self.time)
+    }
+}
+
+/// Encodes a record (hash ignored) into its stored value: `hash || body`; sets `record.hash`.
+pub(crate) fn encode(record: &mut DecisionRecord) -> Result<Vec<u8>, serde_json::Error> {
+    record.hash.clear();
+    let body = serde_json::to_vec(record)?;
+    let hash = hash_body(&body);
+    record.hash = hex::encode(hash);
+    let mut value = Vec::with_capacity(32 + body.len());
+    value.extend_from_slice(&hash);
+    value.extend_from_slice(&body);
+    Ok(value)
+}
+
+/// Splits a stored value into (stored hash, body).
+pub(crate) fn split(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    (value.len() > 32).then(|| value.split_at(32))
+}
+
+/// Decodes a stored value without checking it.
+pub(crate) fn decode(value: &[u8]) -> Option<DecisionRecord> {
+    let (hash, body) = split(value)?;
+    let mut record: DecisionRecord = serde_json::from_slice(body).ok()?;
+    record.hash = hex::encode(hash);
+    Some(record)
+}
+
+pub(crate) fn hash_body(body: &[u8]) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(HASH_DOMAIN);
+    ctx.update(body);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// A fresh decision id: 128 random bits, hex.
+pub fn new_decision_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
