@@ -57,7 +57,6 @@ impl CliError {
         }
     }
 
-
     pub fn exit_code(&self) -> ExitCode {
         match self.kind {
             Kind::Input => ExitCode::from(2),

@@ -94,7 +94,7 @@ impl Catalog for StaticCatalog {
             routes.push(Route::Local);
         }
         for (peer, td) in &self.peers {
-            if wants(&peer.cluster) && peer.services.iter().any(|s| *s == short) {
+            if wants(&peer.cluster) && peer.services.contains(&short) {
                 routes.push(Route::Peer(PeerRoute {
                     cluster: peer.cluster.clone(),
                     trust_domain: td.clone(),

@@ -144,11 +144,7 @@ impl Drop for InFlight<'_> {
 /// Picks an endpoint: power of two random choices among the healthy ones; if every endpoint
 /// is ejected, the one whose ejection ends first (better a likely failure than none at all).
 /// `random` supplies two random numbers (tests pass fixed ones).
-pub fn pick<'a>(
-    endpoints: &'a [Endpoint],
-    now: Instant,
-    random: (usize, usize),
-) -> Option<&'a Endpoint> {
+pub fn pick(endpoints: &[Endpoint], now: Instant, random: (usize, usize)) -> Option<&Endpoint> {
     for e in endpoints {
         e.expire_ejection(now);
     }

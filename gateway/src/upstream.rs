@@ -76,6 +76,8 @@ pub enum UpstreamConfigError {
     },
 }
 
+// One `Pool` per service, built once at start: variant size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Pool {
     /// Plaintext to loopback: HTTP/1.1, and h2c (prior knowledge) for gRPC.
     Plain(

@@ -23,12 +23,15 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A peer: cluster, trust domain, gateway addresses, services it exports to us.
+pub type PeerEntry = (String, TrustDomain, Vec<SocketAddr>, Vec<String>);
+
 /// A catalog the tests fill in after the gateways have bound their ports.
 #[derive(Debug, Default)]
 pub struct TestCatalog {
     pub cluster: String,
     pub local: Mutex<BTreeMap<String, Vec<String>>>,
-    pub peers: Mutex<Vec<(String, TrustDomain, Vec<SocketAddr>, Vec<String>)>>,
+    pub peers: Mutex<Vec<PeerEntry>>,
 }
 
 impl Catalog for TestCatalog {
@@ -76,7 +79,8 @@ impl Catalog for TestCatalog {
 pub struct Cluster {
     pub name: String,
     pub td: TrustDomain,
-    pub dir: TempDir,
+    /// Holds the state directory until the cluster is dropped.
+    pub _dir: TempDir,
     pub issuer: Arc<Issuer>,
     pub bundles: BundleSet,
     pub log: Arc<DecisionLog>,
@@ -188,7 +192,7 @@ impl Cluster {
         Cluster {
             name: spec.name.to_owned(),
             td,
-            dir,
+            _dir: dir,
             issuer,
             bundles,
             log,
