@@ -334,6 +334,11 @@ impl Gateway {
         self.svid.not_after()
     }
 
+    /// A handle for control requests to peer gateways (federation).
+    pub fn control_client(&self) -> crate::tunnel::ControlClient {
+        crate::tunnel::ControlClient::new(self.shared.tunnel.clone())
+    }
+
     /// Closes every tunnel connection with `td`'s gateways (a removed federation link; the
     /// caller also removes the bundle, so new handshakes fail).
     pub fn disconnect_trust_domain(&self, td: &TrustDomain) {

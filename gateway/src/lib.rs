@@ -38,5 +38,5 @@ pub use enforce::{Enforced, Enforcer, RequestMeta, Verdict};
 pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts};
 pub use headers::{CALLER_HEADER, DECISION_ID_HEADER};
 pub use metrics::Metrics;
-pub use tunnel::TunnelError;
+pub use tunnel::{ControlClient, TunnelError};
 pub use upstream::{UpstreamConfigError, UpstreamError};

@@ -301,3 +301,56 @@ pub(crate) fn peer_id(conn: &quinn::Connection) -> Option<SpiffeId> {
         .ok()?;
     meshgate_identity::peer_spiffe_id(&certs).ok()
 }
+
+/// Largest control response accepted from a peer.
+const MAX_CONTROL_RESPONSE: usize = 4 * 1024 * 1024;
+
+/// Sends control requests (`/.meshgate/…`) to peer gateways over the tunnel: the handle
+/// federation uses for bundle, catalog and checkpoint exchange. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    tunnel: Arc<Tunnel>,
+}
+
+impl ControlClient {
+    pub(crate) fn new(tunnel: Arc<Tunnel>) -> Self {
+        Self { tunnel }
+    }
+
+    /// Sends `request` (its path must start with `/.meshgate/`) to the gateway at `addr`,
+    /// which must present `spiffe://<td>/meshgate/gateway`, and returns the whole response.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        td: &TrustDomain,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, TunnelError> {
+        if !request.uri().path().starts_with("/.meshgate/") {
+            return Err(TunnelError::H3 { addr, reason: format!("`{}` is not a control path", request.uri().path()) });
+        }
+        let (parts, body) = request.into_parts();
+        let stream = self.tunnel.open_stream(addr, td, http::Request::from_parts(parts, ())).await?;
+        let (mut send, mut recv) = stream.split();
+        let h3 = |e: h3::error::StreamError| TunnelError::H3 { addr, reason: e.to_string() };
+        if !body.is_empty() {
+            send.send_data(body).await.map_err(h3)?;
+        }
+        send.finish().await.map_err(h3)?;
+        let head = recv.recv_response().await.map_err(h3)?;
+        let mut out = Vec::new();
+        while let Some(mut chunk) = recv.recv_data().await.map_err(h3)? {
+            use bytes::Buf;
+            if out.len() + chunk.remaining() > MAX_CONTROL_RESPONSE {
+                return Err(TunnelError::H3 { addr, reason: "control response too large".to_owned() });
+            }
+            out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        }
+        let (parts, ()) = head.into_parts();
+        Ok(http::Response::from_parts(parts, Bytes::from(out)))
+    }
+
+    /// Closes every connection with `td`'s gateways (a removed link).
+    pub fn disconnect(&self, td: &TrustDomain) {
+        self.tunnel.close_trust_domain(td);
+    }
+}
