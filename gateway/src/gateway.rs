@@ -294,6 +294,7 @@ impl Gateway {
                 bundles,
                 local_bundles,
                 metrics,
+                IDENTITY_TICK.min(config.identity.svid_ttl / 8),
             )),
         ];
         tracing::info!(
@@ -381,8 +382,9 @@ async fn keep_identity_fresh(
     bundles: BundleSet,
     local: BundleSet,
     metrics: Arc<Metrics>,
+    every: Duration,
 ) {
-    let mut tick = tokio::time::interval(IDENTITY_TICK);
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
     loop {
         tick.tick().await;
         let now = SystemTime::now();

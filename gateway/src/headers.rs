@@ -127,6 +127,13 @@ fn parse_traceparent(value: &str) -> Option<String> {
     ok.then(|| (*trace).to_owned())
 }
 
+/// Whether a request path addresses the reserved `/.meshgate/` control space, however it
+/// is spelled (dot segments, duplicate slashes, percent-encoding).
+pub fn is_reserved_path(raw: &str) -> bool {
+    let reserved = |p: &str| p == "/.meshgate" || p.starts_with("/.meshgate/");
+    reserved(raw) || meshgate_policy::normalize_path(raw).is_ok_and(|p| reserved(&p))
+}
+
 /// A new request/decision id: 128 random bits, hex.
 pub fn new_request_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -189,6 +196,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-length", HeaderValue::from_static("5, 5"));
         assert_eq!(check_framing(&h), Err(FramingError::DuplicateLength));
+    }
+
+    #[test]
+    fn reserved_paths_in_any_spelling() {
+        for p in [
+            "/.meshgate/v1/bundle",
+            "/.meshgate",
+            "//.meshgate/x",
+            "/a/../.meshgate/x",
+            "/%2emeshgate/x",
+            "/./.meshgate/x",
+        ] {
+            assert!(is_reserved_path(p), "{p}");
+        }
+        for p in ["/meshgate/x", "/v1/.meshgate", "/.meshgatex"] {
+            assert!(!is_reserved_path(p), "{p}");
+        }
     }
 
     #[test]

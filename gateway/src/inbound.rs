@@ -174,6 +174,12 @@ async fn enforce_and_forward(
         status: 403,
     };
 
+    // A control path in disguise (`//.meshgate/…`) is never forwarded to a service.
+    if headers::is_reserved_path(parts.uri.path()) {
+        let reason = "`/.meshgate/` paths are reserved for gateways".to_owned();
+        let enforced = shared.enforcer.refuse(&facts, &meta, reason).await;
+        return finish(enforced, None, labels, StatusCode::FORBIDDEN);
+    }
     // The destination must be a service of this cluster, exported to the peer's cluster.
     let dest = match dest {
         Some(d)

@@ -252,6 +252,17 @@ async fn route(
         parts.headers.remove(http::header::AUTHORIZATION);
     }
 
+    // Reserved control paths never travel from a workload (CONTRACTS.md).
+    if headers::is_reserved_path(parts.uri.path()) {
+        labels.decision = "deny";
+        let reason = "`/.meshgate/` paths are reserved for gateways".to_owned();
+        let enforced = shared.enforcer.refuse(&facts, &meta, reason.clone()).await;
+        let mut resp = respond::error(StatusCode::FORBIDDEN, &format!("meshgate: {reason}"));
+        respond::set_decision_id(&mut resp, &enforced.decision_id);
+        labels.status = resp.status().as_u16();
+        return (resp, labels);
+    }
+
     // 2. The destination.
     let routes = match shared.resolver.resolve(authority.as_deref()) {
         Ok(dest) => {

@@ -326,12 +326,21 @@ impl ControlClient {
         request: http::Request<Bytes>,
     ) -> Result<http::Response<Bytes>, TunnelError> {
         if !request.uri().path().starts_with("/.meshgate/") {
-            return Err(TunnelError::H3 { addr, reason: format!("`{}` is not a control path", request.uri().path()) });
+            return Err(TunnelError::H3 {
+                addr,
+                reason: format!("`{}` is not a control path", request.uri().path()),
+            });
         }
         let (parts, body) = request.into_parts();
-        let stream = self.tunnel.open_stream(addr, td, http::Request::from_parts(parts, ())).await?;
+        let stream = self
+            .tunnel
+            .open_stream(addr, td, http::Request::from_parts(parts, ()))
+            .await?;
         let (mut send, mut recv) = stream.split();
-        let h3 = |e: h3::error::StreamError| TunnelError::H3 { addr, reason: e.to_string() };
+        let h3 = |e: h3::error::StreamError| TunnelError::H3 {
+            addr,
+            reason: e.to_string(),
+        };
         if !body.is_empty() {
             send.send_data(body).await.map_err(h3)?;
         }
@@ -341,7 +350,10 @@ impl ControlClient {
         while let Some(mut chunk) = recv.recv_data().await.map_err(h3)? {
             use bytes::Buf;
             if out.len() + chunk.remaining() > MAX_CONTROL_RESPONSE {
-                return Err(TunnelError::H3 { addr, reason: "control response too large".to_owned() });
+                return Err(TunnelError::H3 {
+                    addr,
+                    reason: "control response too large".to_owned(),
+                });
             }
             out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
         }

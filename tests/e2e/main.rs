@@ -3,6 +3,7 @@
 
 mod gateway;
 mod gateway_cli;
+mod gateway_ops;
 mod identity_cli;
 mod policy_cli;
 mod support;

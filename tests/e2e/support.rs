@@ -121,6 +121,11 @@ pub fn trust_domain(cluster: &str) -> TrustDomain {
 
 impl Cluster {
     pub async fn start(spec: Spec<'_>) -> Cluster {
+        Self::start_with(spec, |_| {}).await
+    }
+
+    /// Starts a cluster after `adjust` has changed its gateway config (limits, TTLs, …).
+    pub async fn start_with(spec: Spec<'_>, adjust: impl FnOnce(&mut GatewayConfig)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let td = trust_domain(spec.name);
         let db = sled::Config::new()
@@ -176,6 +181,8 @@ impl Cluster {
             limits: Limits::default(),
             identity: Default::default(),
         };
+        let mut config = config;
+        adjust(&mut config);
         let bundles = BundleSet::new();
         let gateway = Gateway::start(GatewayParts {
             config,
@@ -414,6 +421,12 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, std::convert
         });
         let body = StreamBody::new(futures_stream(frames));
         return Ok(Response::new(body.boxed()));
+    }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(Response::new(
+            Full::new(Bytes::from_static(b"slow\n")).boxed(),
+        ));
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut resp = Response::new(Full::new(Bytes::from_static(b"status\n")).boxed());
