@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use cedar_policy::{Authorizer, Decision as CedarDecision};
+use cedar_policy::Authorizer;
 use serde::Serialize;
 
 use crate::facts::{RequestFacts, build};
@@ -224,7 +224,7 @@ impl PolicyEngine {
     }
 
     fn evaluate(&self, set: &Loaded, facts: &RequestFacts) -> Verdict {
-        let built = match build(facts, &set.schema) {
+        let built = match build(facts, &set.actions) {
             Ok(b) => b,
             Err(e) => {
                 return Verdict {
@@ -236,24 +236,13 @@ impl PolicyEngine {
                 };
             }
         };
-        let response =
-            self.authorizer
-                .is_authorized(&built.request, &set.policies, &built.entities);
-        let mut reasons: Vec<String> = response
-            .diagnostics()
-            .reason()
-            .map(ToString::to_string)
-            .collect();
-        reasons.sort();
-        let errors = response
-            .diagnostics()
-            .errors()
-            .map(ToString::to_string)
-            .collect();
+        let answer = set
+            .sliced
+            .authorize(&self.authorizer, &built.request, &built.entities);
         Verdict {
-            allowed: response.decision() == CedarDecision::Allow,
-            reasons,
-            errors,
+            allowed: answer.allowed,
+            reasons: answer.reasons,
+            errors: answer.errors,
             normalized_path: built.normalized_path,
             failed: false,
         }

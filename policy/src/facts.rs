@@ -8,7 +8,6 @@ use std::time::SystemTime;
 
 use cedar_policy::{
     Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
-    Schema,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -175,8 +174,90 @@ pub(crate) struct Built {
     pub normalized_path: String,
 }
 
-/// The one builder: request facts → Cedar request + entities, checked against `schema`.
-pub(crate) fn build(facts: &RequestFacts, schema: &Schema) -> Result<Built, FactsError> {
+/// The one builder: request facts → Cedar request + entities.
+///
+/// The entities and context conform to the schema by construction (a test checks every
+/// shape with Cedar's own validation, `build_checked`), so the hot path skips the
+/// per-request schema check and adds the schema's action hierarchy, computed once at load.
+pub(crate) fn build(facts: &RequestFacts, actions: &Actions) -> Result<Built, FactsError> {
+    let parts = parts(facts)?;
+    // Only the request's action and its groups: Cedar computes the transitive closure of
+    // every entity it is handed, per request, and that dominates the cost of a decision.
+    let action_entities = actions.get(&parts.action).map_or(&[][..], Vec::as_slice);
+    let request = Request::new(
+        parts.principal,
+        parts.action,
+        parts.resource,
+        parts.context,
+        None,
+    )
+    .map_err(cedar_err)?;
+    let entities = Entities::from_entities(
+        parts
+            .entities
+            .into_iter()
+            .chain(action_entities.iter().cloned()),
+        None,
+    )
+    .map_err(cedar_err)?;
+    Ok(Built {
+        request,
+        entities,
+        normalized_path: parts.path,
+    })
+}
+
+/// The same request, validated by Cedar against `schema`.
+#[cfg(test)]
+pub(crate) fn build_checked(
+    facts: &RequestFacts,
+    schema: &cedar_policy::Schema,
+) -> Result<Built, FactsError> {
+    let parts = parts(facts)?;
+    let request = Request::new(
+        parts.principal,
+        parts.action,
+        parts.resource,
+        parts.context,
+        Some(schema),
+    )
+    .map_err(cedar_err)?;
+    let entities = Entities::from_entities(parts.entities, Some(schema)).map_err(cedar_err)?;
+    Ok(Built {
+        request,
+        entities,
+        normalized_path: parts.path,
+    })
+}
+
+/// For each action, its entity and the entities of every group it is in (from the schema).
+pub(crate) type Actions = std::collections::HashMap<EntityUid, Vec<Entity>>;
+
+/// Indexes the schema's action entities by action, each with its groups.
+pub(crate) fn index_actions(all: &Entities) -> Actions {
+    all.iter()
+        .map(|action| {
+            let mut with_groups = vec![action.clone()];
+            with_groups.extend(
+                all.iter()
+                    .filter(|group| all.is_ancestor_of(&group.uid(), &action.uid()))
+                    .cloned(),
+            );
+            (action.uid(), with_groups)
+        })
+        .collect()
+}
+
+struct Parts {
+    principal: EntityUid,
+    action: EntityUid,
+    resource: EntityUid,
+    context: Context,
+    entities: Vec<Entity>,
+    path: String,
+}
+
+fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
     let caller = Caller::parse(&facts.caller)?;
     let (svc_name, svc_ns, svc_cluster) = split_service(&facts.service)?;
     if !valid_trust_domain(&facts.destination_trust_domain) {
@@ -285,13 +366,13 @@ pub(crate) fn build(facts: &RequestFacts, schema: &Schema) -> Result<Built, Fact
     ])
     .map_err(cedar_err)?;
     let action = uid("Action", action)?;
-    let request =
-        Request::new(principal, action, resource, context, Some(schema)).map_err(cedar_err)?;
-    let entities = Entities::from_entities(entities, Some(schema)).map_err(cedar_err)?;
-    Ok(Built {
-        request,
+    Ok(Parts {
+        principal,
+        action,
+        resource,
+        context,
         entities,
-        normalized_path: path,
+        path,
     })
 }
 
@@ -379,5 +460,73 @@ mod tests {
             action_name("TRACE"),
             Err(FactsError::UnknownMethod(_))
         ));
+    }
+
+    /// Every shape the builder produces conforms to the shipped schema, as Cedar itself
+    /// checks it: this is what lets the hot path skip the per-request check.
+    #[test]
+    fn built_requests_conform_to_the_schema() {
+        let schema = cedar_policy::Schema::from_cedarschema_str(crate::MESH_SCHEMA)
+            .unwrap()
+            .0;
+        let actions = index_actions(&schema.action_entities().unwrap());
+        let callers = [
+            "spiffe://east.example/ns/shop/sa/web",
+            "spiffe://east.example/meshgate/gateway",
+            "spiffe://east.example/x/y",
+        ];
+        let methods = [
+            "GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT",
+        ];
+        for caller in callers {
+            for method in methods {
+                for extras in [false, true] {
+                    let facts = RequestFacts {
+                        caller: caller.to_owned(),
+                        service: "orders.shop.west".to_owned(),
+                        destination_trust_domain: "west.example".to_owned(),
+                        method: method.to_owned(),
+                        raw_path: "/v1/orders/42?x=1".to_owned(),
+                        headers: if extras {
+                            vec![
+                                ("x-env".into(), "prod".into()),
+                                ("x-env".into(), "eu".into()),
+                            ]
+                        } else {
+                            vec![]
+                        },
+                        source_cluster: if extras { "east".into() } else { String::new() },
+                        destination_cluster: "west".into(),
+                        mtls: extras,
+                        time: SystemTime::now(),
+                        claims: extras
+                            .then(|| BTreeMap::from([("sub".to_owned(), "alice".to_owned())])),
+                        service_labels: if extras {
+                            BTreeMap::from([("tier".to_owned(), "gold".to_owned())])
+                        } else {
+                            BTreeMap::new()
+                        },
+                    };
+                    let checked = build_checked(&facts, &schema);
+                    assert!(
+                        checked.is_ok(),
+                        "{caller} {method} {extras}: {:?}",
+                        checked.err()
+                    );
+                    let fast = build(&facts, &actions).unwrap();
+                    // The request's action group is there without the schema too.
+                    let action = uid("Action", action_name(method).unwrap()).unwrap();
+                    let group = match method {
+                        "GET" | "HEAD" | "OPTIONS" => Some("read"),
+                        "CONNECT" => None,
+                        _ => Some("write"),
+                    };
+                    if let Some(group) = group {
+                        let group = uid("Action", group).unwrap();
+                        assert!(fast.entities.is_ancestor_of(&group, &action), "{method}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ mod load;
 mod log;
 mod path;
 mod quota;
+mod slice;
 mod timefmt;
 mod tools;
 

@@ -114,8 +114,11 @@ fn render_all(diags: &[PolicyDiagnostic]) -> String {
 /// A loaded, validated policy set.
 #[derive(Debug)]
 pub(crate) struct Loaded {
-    pub policies: PolicySet,
-    pub schema: Schema,
+    /// The policies, sliced by resource for evaluation (see `slice`).
+    pub sliced: crate::slice::Sliced,
+    /// The action hierarchy (`Action::"GET" in Action::"read"`) from the schema, computed
+    /// once: requests are built without per-request schema checks (see `facts::build`).
+    pub actions: crate::facts::Actions,
     pub version: PolicyVersion,
     /// `@quota` of each permit that has one, by policy id.
     pub quotas: HashMap<String, QuotaSpec>,
@@ -244,9 +247,26 @@ pub(crate) fn load_sources(
     match schema {
         Some(schema) if diags.is_empty() => {
             let version = version_of(files, schema_text);
+            let sliced = crate::slice::Sliced::new(&set).map_err(|e| {
+                LoadError::Invalid(vec![PolicyDiagnostic::at(
+                    "<policy set>",
+                    "",
+                    None,
+                    format!("cannot index the policy set: {e}"),
+                    None,
+                )])
+            })?;
+            let actions = match schema.action_entities() {
+                Ok(entities) => crate::facts::index_actions(&entities),
+                Err(e) => {
+                    return Err(LoadError::Invalid(vec![PolicyDiagnostic::from_diagnostic(
+                        &e, "<schema>", "",
+                    )]));
+                }
+            };
             Ok(Loaded {
-                policies: set,
-                schema,
+                actions,
+                sliced,
                 version,
                 quotas,
                 stats,
