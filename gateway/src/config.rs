@@ -66,6 +66,9 @@ pub struct Listeners {
     /// IP addresses put into the listener certificate.
     #[serde(default = "default_ip_addrs")]
     pub ip_addrs: Vec<IpAddr>,
+    /// The mesh DNS server (UDP and TCP) answering the `mesh_suffix` zone (federation).
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
 }
 
 /// Policy settings.
@@ -124,7 +127,12 @@ pub struct PeerConfig {
     /// The peer's trust domain.
     pub trust_domain: String,
     /// The peer gateways' QUIC addresses.
+    #[serde(default)]
     pub gateways: Vec<SocketAddr>,
+    /// A DNS name for the peer gateways instead of (or besides) addresses: SRV first, then
+    /// A/AAAA (`name:port` gives the port for A/AAAA answers).
+    #[serde(default)]
+    pub dns: Option<String>,
     /// The peer's trust bundle (SPIFFE JSON), the bootstrap trust anchor.
     pub bundle: PathBuf,
     /// Services the peer exports to us, as `service.namespace`.
@@ -156,6 +164,10 @@ pub struct Limits {
     /// How long graceful shutdown waits for requests in flight.
     #[serde(deserialize_with = "de_duration")]
     pub drain_timeout: Duration,
+    /// How long the source gateway waits for a peer gateway's response head (the peer's
+    /// own per-service timeouts apply behind it); then the caller gets 504.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -168,6 +180,7 @@ impl Default for Limits {
             max_concurrent_streams: 1024,
             max_pending_resets: 20,
             drain_timeout: Duration::from_secs(10),
+            tunnel_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -493,7 +493,7 @@ async fn remote(
             .open_stream(*gw, &peer.trust_domain, request.clone())
             .await
         {
-            Ok(stream) => return Ok(exchange(stream, body).await),
+            Ok(stream) => return Ok(exchange(stream, body, shared.limits.tunnel_timeout).await),
             Err(e) => last = e.to_string(),
         }
     }
@@ -501,19 +501,31 @@ async fn remote(
 }
 
 /// Sends the request body on a tunnel stream and returns the streamed response.
-async fn exchange(stream: crate::tunnel::ClientStream, body: GatewayBody) -> Response<GatewayBody> {
+async fn exchange(
+    stream: crate::tunnel::ClientStream,
+    body: GatewayBody,
+    timeout: std::time::Duration,
+) -> Response<GatewayBody> {
     let (mut send, mut recv) = stream.split();
     tokio::spawn(async move {
         if let Err(e) = body::body_to_h3(body, &mut send).await {
             tracing::debug!(error = %e, "request body to peer ended early");
         }
     });
-    let head = match recv.recv_response().await {
-        Ok(head) => head,
-        Err(e) => {
+    let head = match tokio::time::timeout(timeout, recv.recv_response()).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => {
             return respond::error(
                 StatusCode::BAD_GATEWAY,
                 &format!("meshgate: peer gateway failed: {e}"),
+            );
+        }
+        Err(_) => {
+            // Dropping the stream cancels it. (h3-quinn 0.0.10 panics on `stop_sending`
+            // after a read was cut short, so it is not called here.)
+            return respond::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("meshgate: no answer from the peer gateway within {timeout:?}"),
             );
         }
     };
