@@ -1,5 +1,6 @@
 //! `meshgate`: the one CLI binary. Thin: argument parsing, exit codes and wiring.
 
+mod admin;
 mod cli;
 mod exit;
 mod state;

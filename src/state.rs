@@ -98,7 +98,6 @@ impl State {
     }
 
     /// The admin socket of a running gateway.
-    #[allow(dead_code)]
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")
     }

@@ -39,7 +39,7 @@ pub(crate) struct Answer {
 
 impl Sliced {
     /// Slices `set`. Template-linked policies are re-linked into their slice.
-    pub(crate) fn new(set: &PolicySet) -> Result<Sliced, PolicySetError> {
+    pub(crate) fn new(set: &PolicySet) -> Result<Sliced, Box<PolicySetError>> {
         let mut sliced = Sliced::default();
         for policy in set.policies() {
             let target = match policy.resource_constraint() {
@@ -89,17 +89,23 @@ impl Sliced {
     }
 }
 
-fn add(target: &mut PolicySet, whole: &PolicySet, policy: &Policy) -> Result<(), PolicySetError> {
+fn add(
+    target: &mut PolicySet,
+    whole: &PolicySet,
+    policy: &Policy,
+) -> Result<(), Box<PolicySetError>> {
     match (policy.template_id(), policy.template_links()) {
         (Some(template_id), Some(values)) => {
             if target.template(template_id).is_none()
                 && let Some(template) = whole.template(template_id)
             {
-                target.add_template(template.clone())?;
+                target.add_template(template.clone()).map_err(Box::new)?;
             }
-            target.link(template_id.clone(), policy.id().clone(), values)
+            target
+                .link(template_id.clone(), policy.id().clone(), values)
+                .map_err(Box::new)
         }
-        _ => target.add(policy.clone()),
+        _ => target.add(policy.clone()).map_err(Box::new),
     }
 }
 

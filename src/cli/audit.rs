@@ -1,8 +1,8 @@
 //! `meshgate audit …`: query, verify, export the decision log; export and make checkpoints.
 //!
-//! The commands go through [`AuditBackend`]. Today the only backend opens the state
-//! directly ([`LocalBackend`]); while a gateway runs, the admin-socket backend (to come)
-//! implements the same trait and [`backend`] picks it.
+//! The commands go through [`AuditBackend`]: while a gateway runs, [`backend`] picks its
+//! admin socket ([`AdminClient`]); otherwise it opens the state directly ([`LocalBackend`]).
+//! Both produce the same values, so the output is the same either way.
 
 use std::fs;
 use std::io::Write;
@@ -13,10 +13,14 @@ use std::time::SystemTime;
 use anyhow::{Context, anyhow, bail};
 use clap::{Subcommand, ValueEnum};
 use meshgate_policy::{
-    Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, Filter, VerifyReport,
+    Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, Filter,
 };
 
 use super::print_json;
+use crate::admin::commands::{
+    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditQuery, AuditVerify, VerifyView,
+};
+use crate::admin::{AdminClient, ops};
 use crate::exit::{CliError, CliResult, Outcome, ResultExt};
 use crate::state::State;
 
@@ -61,6 +65,10 @@ pub enum AuditCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also check the chain against checkpoint heads held by peers (files written by
+        /// their `meshgate federation witnessed`).
+        #[arg(long, num_args = 1..)]
+        witnesses: Vec<PathBuf>,
     },
     /// Export every record (for SIEM ingestion).
     Export {
@@ -119,24 +127,39 @@ impl AuditCommand {
                 };
                 query(backend(&state)?.as_ref(), &filter, json)
             }
-            Self::Verify { state, json } => verify(backend(&state)?.as_ref(), json),
+            Self::Verify {
+                state,
+                json,
+                witnesses,
+            } => {
+                let backend = backend(&state)?;
+                let chain = verify(backend.as_ref(), json)?;
+                if witnesses.is_empty() {
+                    return Ok(chain);
+                }
+                let witnessed =
+                    super::federation::verify_witnesses(backend.as_ref(), &witnesses, json)?;
+                Ok(if chain == Outcome::Yes && witnessed == Outcome::Yes {
+                    Outcome::Yes
+                } else {
+                    Outcome::No
+                })
+            }
             Self::Export {
                 state,
                 format: ExportFormat::Jsonl,
             } => {
                 let stdout = std::io::stdout();
-                let n = backend(&state)?
-                    .export_jsonl(&mut stdout.lock())
-                    .internal_err()?;
+                let n = backend(&state)?.export_jsonl(&mut stdout.lock())?;
                 tracing::info!(records = n, "exported");
                 Ok(Outcome::Yes)
             }
             Self::Checkpoints { state } => {
-                print_json(&backend(&state)?.checkpoints().internal_err()?)?;
+                print_json(&backend(&state)?.checkpoints()?)?;
                 Ok(Outcome::Yes)
             }
             Self::Checkpoint { state } => {
-                let cp = backend(&state)?.checkpoint(&whoami()).internal_err()?;
+                let cp = backend(&state)?.checkpoint(&whoami())?;
                 print_json(&cp)?;
                 Ok(Outcome::Yes)
             }
@@ -146,12 +169,13 @@ impl AuditCommand {
 
 /// What the audit commands need from a decision log, wherever it is.
 pub trait AuditBackend {
-    fn query(&self, filter: &Filter) -> anyhow::Result<Vec<DecisionRecord>>;
-    fn verify(&self) -> anyhow::Result<VerifyReport>;
-    fn export_jsonl(&self, out: &mut dyn Write) -> anyhow::Result<u64>;
-    fn checkpoints(&self) -> anyhow::Result<Vec<Checkpoint>>;
-    /// Signs the head now and records the admin event (who, "audit checkpoint").
-    fn checkpoint(&self, who: &str) -> anyhow::Result<Checkpoint>;
+    fn query(&self, filter: &Filter) -> CliResult<Vec<DecisionRecord>>;
+    fn verify(&self) -> CliResult<VerifyView>;
+    fn export_jsonl(&self, out: &mut dyn Write) -> CliResult<u64>;
+    fn checkpoints(&self) -> CliResult<Vec<Checkpoint>>;
+    /// Signs the head now and records the admin event (who, "audit checkpoint"). Through
+    /// the admin socket, `who` is the peer's uid as the gateway sees it.
+    fn checkpoint(&self, who: &str) -> CliResult<Checkpoint>;
 }
 
 /// The state opened directly (no gateway running).
@@ -162,28 +186,67 @@ pub struct LocalBackend {
 }
 
 impl AuditBackend for LocalBackend {
-    fn query(&self, filter: &Filter) -> anyhow::Result<Vec<DecisionRecord>> {
-        Ok(self.log.query(filter)?)
+    fn query(&self, filter: &Filter) -> CliResult<Vec<DecisionRecord>> {
+        let mut out = Vec::new();
+        ops::query(&self.log, filter, |r| {
+            out.push(r.clone());
+            Ok(())
+        })?;
+        Ok(out)
     }
-    fn verify(&self) -> anyhow::Result<VerifyReport> {
-        Ok(self.log.verify()?)
+    fn verify(&self) -> CliResult<VerifyView> {
+        Ok(ops::verify(&self.log)?)
     }
-    fn export_jsonl(&self, out: &mut dyn Write) -> anyhow::Result<u64> {
-        Ok(self.log.export_jsonl(out)?)
+    fn export_jsonl(&self, out: &mut dyn Write) -> CliResult<u64> {
+        self.log.export_jsonl(out).internal_err()
     }
-    fn checkpoints(&self) -> anyhow::Result<Vec<Checkpoint>> {
-        Ok(self.log.checkpoints()?)
+    fn checkpoints(&self) -> CliResult<Vec<Checkpoint>> {
+        self.log.checkpoints().internal_err()
     }
-    fn checkpoint(&self, who: &str) -> anyhow::Result<Checkpoint> {
-        let signer = checkpoint_signer(&self.state)?;
-        let log = DecisionLog::open(self.state.db(), Some(signer))?;
-        log.append_admin_event(who, "audit checkpoint", SystemTime::now())?;
-        Ok(log.checkpoint(SystemTime::now())?)
+    fn checkpoint(&self, who: &str) -> CliResult<Checkpoint> {
+        let signer = checkpoint_signer(&self.state).internal_err()?;
+        let log = DecisionLog::open(self.state.db(), Some(signer)).internal_err()?;
+        log.append_admin_event(who, "audit checkpoint", SystemTime::now())
+            .internal_err()?;
+        log.checkpoint(SystemTime::now()).internal_err()
     }
 }
 
-/// Picks the backend for a state directory.
+/// The running gateway's decision log, over its admin socket.
+impl AuditBackend for AdminClient {
+    fn query(&self, filter: &Filter) -> CliResult<Vec<DecisionRecord>> {
+        let mut out = Vec::new();
+        self.call_streaming(&AuditQuery::from(filter), |item| {
+            out.push(serde_json::from_value(item).internal_err()?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+    fn verify(&self) -> CliResult<VerifyView> {
+        self.call(&AuditVerify {})
+    }
+    fn export_jsonl(&self, out: &mut dyn Write) -> CliResult<u64> {
+        // The same lines as `DecisionLog::export_jsonl`: each record re-serialized.
+        self.call_streaming(&AuditExport {}, |item| {
+            let record: DecisionRecord = serde_json::from_value(item).internal_err()?;
+            let line = serde_json::to_string(&record).internal_err()?;
+            writeln!(out, "{line}").internal_ctx(|| "cannot write the export")
+        })
+    }
+    fn checkpoints(&self) -> CliResult<Vec<Checkpoint>> {
+        self.call(&AuditCheckpoints {})
+    }
+    fn checkpoint(&self, _who: &str) -> CliResult<Checkpoint> {
+        self.call(&AuditCheckpoint {})
+    }
+}
+
+/// Picks the backend for a state directory: the running gateway when one answers on its
+/// admin socket, else the state opened directly.
 pub fn backend(state: &Path) -> CliResult<Box<dyn AuditBackend>> {
+    if let Some(client) = AdminClient::live(state)? {
+        return Ok(Box::new(client));
+    }
     let (state, log) = open_log(state)?;
     Ok(Box::new(LocalBackend { state, log }))
 }
@@ -214,7 +277,7 @@ pub fn parse_time(value: Option<&str>) -> CliResult<Option<SystemTime>> {
 }
 
 fn query(backend: &dyn AuditBackend, filter: &Filter, json: bool) -> CliResult<Outcome> {
-    let records = backend.query(filter).internal_err()?;
+    let records = backend.query(filter)?;
     if json {
         print_json(&records)?;
         return Ok(Outcome::Yes);
@@ -247,12 +310,10 @@ fn query(backend: &dyn AuditBackend, filter: &Filter, json: bool) -> CliResult<O
 }
 
 fn verify(backend: &dyn AuditBackend, json: bool) -> CliResult<Outcome> {
-    let report = backend
-        .verify()
-        .internal_ctx(|| "cannot read the decision log")?;
+    let report = backend.verify()?;
     if json {
         print_json(&report)?;
-    } else if let Some(first) = report.first_bad() {
+    } else if let Some(first) = report.problems.first() {
         println!(
             "tampering found: first bad record seq {}: {}",
             first.seq, first.what
@@ -329,6 +390,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Who runs the command, for admin events: `$USER`, else the numeric uid.
+/// Records an admin action taken on a state opened directly (no gateway running): who,
+/// what, when. Fails closed: an action that cannot be recorded is not taken.
+pub fn record_admin(state: &State, what: &str) -> CliResult<()> {
+    let signer = checkpoint_signer(state).internal_err()?;
+    let log = DecisionLog::open(state.db(), Some(signer))
+        .internal_ctx(|| "cannot open the decision log to record the admin action")?;
+    log.append_admin_event(&whoami(), what, SystemTime::now())
+        .internal_ctx(|| "cannot record the admin action; nothing was changed")?;
+    Ok(())
+}
+
 fn whoami() -> String {
     use std::os::unix::fs::MetadataExt;
     std::env::var("USER")

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use meshgate_gateway::{Gateway, GatewayConfig, GatewayParts, StaticCatalog};
-use meshgate_identity::{BundleSet, Issuer, SpiffeId, SvidCertResolver, TrustBundle, TrustDomain};
+use meshgate_gateway::{Gateway, GatewayConfig, GatewayParts};
+use meshgate_identity::{BundleSet, Issuer, SpiffeId, SvidCertResolver, TrustDomain};
 use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter};
 
+use crate::admin::{self, AdminContext, AdminServer, Registry};
 use crate::cli::audit::checkpoint_signer;
+use crate::cli::federation_wiring::{self, FederatedCatalog};
 use crate::exit::{CliError, CliResult, Outcome, ResultExt};
 use crate::state::State;
 
@@ -55,34 +57,26 @@ impl GatewayArgs {
         let signer = checkpoint_signer(&state).internal_err()?;
         let log = Arc::new(DecisionLog::open(state.db(), Some(signer)).internal_err()?);
         let bundles = BundleSet::new();
-        let mut peers = Vec::new();
-        for peer in &config.peers {
-            let td: TrustDomain = peer
-                .trust_domain
-                .parse()
-                .input_ctx(|| format!("peer `{}`: `trust_domain`", peer.cluster))?;
-            let text = std::fs::read_to_string(&peer.bundle).input_ctx(|| {
-                format!(
-                    "peer `{}`: cannot read bundle `{}`",
-                    peer.cluster,
-                    peer.bundle.display()
-                )
-            })?;
-            let bundle = TrustBundle::from_spiffe_json(&text, &td).input_ctx(|| {
-                format!(
-                    "peer `{}`: bundle `{}`",
-                    peer.cluster,
-                    peer.bundle.display()
-                )
-            })?;
-            bundles.insert(bundle);
-            peers.push((peer.clone(), td));
-        }
+        let links = federation_wiring::links_from_config(&config)?;
         if self.check {
             println!("{}", toml::to_string_pretty(&config).internal_err()?);
             return Ok(Outcome::Yes);
         }
-        let catalog = StaticCatalog::new(&config.cluster, &config.services, peers);
+        let federation =
+            federation_wiring::open(state.db(), &config, &issuer, &log, &bundles, &links)?;
+        let policy = Arc::new(policy);
+        let mut admin = Registry::new();
+        admin::builtin(
+            &mut admin,
+            &AdminContext {
+                issuer: issuer.clone(),
+                log: log.clone(),
+                policy: policy.clone(),
+            },
+        );
+        crate::cli::federation::register_admin(&mut admin, &federation);
+        let admin_socket = state.admin_socket();
+        let wiring_config = config.clone();
         let issuer_addr = config.listeners.issuer;
         let dns_names = config.listeners.dns_names.clone();
         let ip_addrs = config.listeners.ip_addrs.clone();
@@ -91,11 +85,11 @@ impl GatewayArgs {
                 config,
                 issuer: issuer.clone(),
                 bundles,
-                policy: Arc::new(policy),
+                policy,
                 quotas: QuotaLimiter::new(default_quota, 1_000_000),
                 log: log.clone(),
-                catalog,
-                control: None,
+                catalog: Arc::new(FederatedCatalog(federation.clone())),
+                control: Some(Arc::new(FederatedCatalog(federation.clone()))),
             })
             .await
             .map_err(|e| CliError::internal(anyhow::anyhow!(e)))?;
@@ -107,6 +101,14 @@ impl GatewayArgs {
             }
             println!("  tunnel (QUIC)     {}", addrs.tunnel);
             println!("  admin             http://{}/metrics", addrs.admin);
+            let mesh_dns = federation_wiring::start(&federation, &gateway, &wiring_config).await?;
+            if let Some(dns) = &mesh_dns {
+                println!("  mesh DNS          {} (udp, tcp)", dns.local_addr());
+            }
+            let admin = AdminServer::bind(&admin_socket, admin, log.clone())
+                .await
+                .internal_err()?;
+            println!("  admin socket      {}", admin.path().display());
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             if let Some(addr) = issuer_addr {
                 let svid = issuer
@@ -150,6 +152,7 @@ impl GatewayArgs {
             eprintln!("shutting down: draining requests in flight");
             let _ = stop_tx.send(true);
             checkpoints.abort();
+            admin.shutdown().await;
             gateway.shutdown().await;
             Ok::<_, CliError>(Outcome::Yes)
         })?

@@ -9,11 +9,13 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use meshgate_identity::agent::{Agent, AgentConfig, AgentError};
 use meshgate_identity::{
-    Issuer, IssuerError, SpiffeId, SvidCertResolver, TrustBundle, TrustDomain, serve_issuer_api,
-    write_atomic,
+    Issuer, IssuerError, RegistrationEntry, SpiffeId, SvidCertResolver, TrustBundle, TrustDomain,
+    serve_issuer_api, write_atomic,
 };
 use serde_json::json;
 
+use crate::admin::commands::{EntryCreate, EntryDelete, EntryList, TokenCreate, TokenView};
+use crate::admin::{AdminClient, ops};
 use crate::cli::{block_on, print_json};
 use crate::exit::{CliError, CliResult, Outcome, ResultExt};
 use crate::state::State;
@@ -205,7 +207,7 @@ impl IdentityCommand {
                     state.dir.display()
                 );
             }
-            Self::Entry(cmd) => return cmd.run(now),
+            Self::Entry(cmd) => return cmd.run(),
             Self::Token(TokenCommand::Create {
                 state,
                 spiffe_id,
@@ -213,10 +215,10 @@ impl IdentityCommand {
                 json,
             }) => {
                 let id = parse_id(&spiffe_id)?;
-                let (_st, issuer) = open(&state)?;
-                let token = issuer
-                    .create_join_token(&id, ttl, now)
-                    .map_err(issuer_err)?;
+                let token = backend(&state)?.create_token(&TokenCreate {
+                    spiffe_id: id.to_string(),
+                    ttl_secs: ttl.as_secs(),
+                })?;
                 if json {
                     print_json(&token)?;
                 } else {
@@ -233,7 +235,8 @@ impl IdentityCommand {
                 json,
             } => {
                 let id = parse_id(&spiffe_id)?;
-                let (_st, issuer) = open(&state)?;
+                let (st, issuer) = open(&state)?;
+                crate::cli::audit::record_admin(&st, &format!("identity issue `{id}`"))?;
                 let svid = issuer
                     .issue_x509_svid(&id, ttl, &dns_names, &ips, now)
                     .map_err(issuer_err)?;
@@ -280,7 +283,11 @@ impl IdentityCommand {
                     RotateCommand::Prepare { state } => (state, "prepared"),
                     RotateCommand::Activate { state } => (state, "activated"),
                 };
-                let (_st, issuer) = open(state)?;
+                let (st, issuer) = open(state)?;
+                crate::cli::audit::record_admin(
+                    &st,
+                    &format!("identity rotate {}", &step[..step.len() - 1]),
+                )?;
                 let status = match cmd {
                     RotateCommand::Prepare { .. } => issuer.rotate_prepare(now),
                     RotateCommand::Activate { .. } => issuer.rotate_activate(now),
@@ -309,7 +316,7 @@ impl IdentityCommand {
 }
 
 impl EntryCommand {
-    fn run(self, now: SystemTime) -> CliResult<Outcome> {
+    fn run(self) -> CliResult<Outcome> {
         match self {
             Self::Create {
                 state,
@@ -319,10 +326,11 @@ impl EntryCommand {
                 json,
             } => {
                 let id = parse_id(&spiffe_id)?;
-                let (_st, issuer) = open(&state)?;
-                let entry = issuer
-                    .create_entry(&id, Some(ttl), &dns_names, now)
-                    .map_err(issuer_err)?;
+                let entry = backend(&state)?.create_entry(&EntryCreate {
+                    spiffe_id: id.to_string(),
+                    ttl_secs: ttl.as_secs(),
+                    dns_names,
+                })?;
                 if json {
                     print_json(&entry)?;
                 } else {
@@ -333,8 +341,7 @@ impl EntryCommand {
                 }
             }
             Self::List { state, json } => {
-                let (_st, issuer) = open(&state)?;
-                let entries = issuer.list_entries().map_err(issuer_err)?;
+                let entries = backend(&state)?.list_entries()?;
                 if json {
                     print_json(&entries)?;
                 } else {
@@ -350,13 +357,80 @@ impl EntryCommand {
             }
             Self::Delete { state, spiffe_id } => {
                 let id = parse_id(&spiffe_id)?;
-                let (_st, issuer) = open(&state)?;
-                issuer.delete_entry(&id).map_err(issuer_err)?;
+                backend(&state)?.delete_entry(&EntryDelete {
+                    spiffe_id: id.to_string(),
+                })?;
                 println!("deleted entry `{id}`");
             }
         }
         Ok(Outcome::Yes)
     }
+}
+
+/// What the entry and token commands need from an issuer: the running gateway's (over the
+/// admin socket) or the state's, opened directly. Both run the same logic (`admin::ops`).
+trait IdentityBackend {
+    fn create_entry(&self, cmd: &EntryCreate) -> CliResult<RegistrationEntry>;
+    fn list_entries(&self) -> CliResult<Vec<RegistrationEntry>>;
+    fn delete_entry(&self, cmd: &EntryDelete) -> CliResult<RegistrationEntry>;
+    fn create_token(&self, cmd: &TokenCreate) -> CliResult<TokenView>;
+}
+
+/// The state opened directly (no gateway running).
+struct LocalIssuer {
+    _state: State,
+    issuer: Issuer,
+}
+
+impl LocalIssuer {
+    fn record(&self, cmd: &impl crate::admin::protocol::AdminCommand) -> CliResult<()> {
+        crate::cli::audit::record_admin(&self._state, &cmd.describe())
+    }
+}
+
+impl IdentityBackend for LocalIssuer {
+    fn create_entry(&self, cmd: &EntryCreate) -> CliResult<RegistrationEntry> {
+        self.record(cmd)?;
+        Ok(cmd.run(&self.issuer, SystemTime::now())?)
+    }
+    fn list_entries(&self) -> CliResult<Vec<RegistrationEntry>> {
+        Ok(ops::list_entries(&self.issuer)?)
+    }
+    fn delete_entry(&self, cmd: &EntryDelete) -> CliResult<RegistrationEntry> {
+        self.record(cmd)?;
+        Ok(cmd.run(&self.issuer)?)
+    }
+    fn create_token(&self, cmd: &TokenCreate) -> CliResult<TokenView> {
+        self.record(cmd)?;
+        Ok(cmd.run(&self.issuer, SystemTime::now())?)
+    }
+}
+
+impl IdentityBackend for AdminClient {
+    fn create_entry(&self, cmd: &EntryCreate) -> CliResult<RegistrationEntry> {
+        self.call(cmd)
+    }
+    fn list_entries(&self) -> CliResult<Vec<RegistrationEntry>> {
+        self.call(&EntryList {})
+    }
+    fn delete_entry(&self, cmd: &EntryDelete) -> CliResult<RegistrationEntry> {
+        self.call(cmd)
+    }
+    fn create_token(&self, cmd: &TokenCreate) -> CliResult<TokenView> {
+        self.call(cmd)
+    }
+}
+
+/// The running gateway when one answers on the state's admin socket, else the state itself.
+fn backend(state: &StateArg) -> CliResult<Box<dyn IdentityBackend>> {
+    if let Some(client) = AdminClient::live(&state.dir)? {
+        return Ok(Box::new(client));
+    }
+    let (state, issuer) = open(state)?;
+    Ok(Box::new(LocalIssuer {
+        _state: state,
+        issuer,
+    }))
 }
 
 fn parse_id(s: &str) -> CliResult<SpiffeId> {

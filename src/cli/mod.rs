@@ -1,6 +1,8 @@
 //! The `meshgate` command line: one subcommand module per area.
 
 mod audit;
+mod federation;
+mod federation_wiring;
 mod gateway;
 mod identity;
 mod policy;
@@ -35,6 +37,9 @@ enum Command {
     /// The tamper-evident decision log: query, verify, export.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Federation links to peer clusters: add, remove, list, status.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
 }
 
 impl Cli {
@@ -44,6 +49,7 @@ impl Cli {
             Command::Policy(cmd) => cmd.run(),
             Command::Audit(cmd) => cmd.run(),
             Command::Gateway(cmd) => cmd.run(),
+            Command::Federation(cmd) => cmd.run(),
         }
     }
 }

@@ -10,6 +10,8 @@ use serde_json::json;
 
 use super::audit::{open_log, parse_time};
 use super::print_json;
+use crate::admin::AdminClient;
+use crate::admin::commands::PolicyReload;
 use crate::exit::{CliError, CliResult, Outcome, ResultExt};
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +82,17 @@ pub enum PolicyCommand {
         #[arg(long)]
         schema: Option<PathBuf>,
     },
+    /// Tell the running gateway to reload its policy set (and shadow set) from disk. An
+    /// invalid set is refused and the old one keeps serving. Exit 0 reloaded, 1 refused,
+    /// 3 no gateway running.
+    Reload {
+        /// The state directory of the running gateway.
+        #[arg(long)]
+        state: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl PolicyCommand {
@@ -124,6 +137,7 @@ impl PolicyCommand {
                 until.as_deref(),
                 json,
             ),
+            Self::Reload { state, json } => reload(&state, json),
         }
     }
 }
@@ -253,6 +267,39 @@ fn test(dir: &Path, schema: Option<&Path>, cases: &Path, json: bool) -> CliResul
         println!("{} passed, {failed} failed", results.len() - failed);
     }
     Ok(if failed == 0 {
+        Outcome::Yes
+    } else {
+        Outcome::No
+    })
+}
+
+/// Policies live in the running gateway's memory: there is nothing to reload without one.
+fn reload(state: &Path, json: bool) -> CliResult<Outcome> {
+    let Some(client) = AdminClient::live(state)? else {
+        return Err(CliError::internal(anyhow!(
+            "no gateway is running on `{}` (no live admin socket); policies are loaded when `meshgate gateway` starts",
+            state.display()
+        )));
+    };
+    let reply = client.call(&PolicyReload {})?;
+    if json {
+        print_json(&reply)?;
+    } else if reply.reloaded {
+        println!("reloaded: policy set {}", reply.version);
+        if let Some(shadow) = &reply.shadow_version {
+            println!("  shadow set {shadow}");
+        }
+    } else {
+        eprintln!(
+            "refused: {}",
+            reply
+                .diagnostics
+                .as_deref()
+                .unwrap_or("the new policy set is invalid")
+        );
+        eprintln!("the gateway keeps serving policy set {}", reply.version);
+    }
+    Ok(if reply.reloaded {
         Outcome::Yes
     } else {
         Outcome::No

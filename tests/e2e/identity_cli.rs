@@ -405,3 +405,57 @@ fn serve_and_agent_issue_over_https() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("already used"), "{stderr}");
 }
+
+#[test]
+fn admin_actions_on_a_stopped_gateway_are_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    ok(&[
+        "identity",
+        "init",
+        "--state",
+        s(&state),
+        "--trust-domain",
+        "east.example",
+    ]);
+    ok(&[
+        "identity",
+        "entry",
+        "create",
+        "--state",
+        s(&state),
+        "--spiffe-id",
+        "spiffe://east.example/ns/shop/sa/web",
+    ]);
+    ok(&[
+        "identity",
+        "token",
+        "create",
+        "--state",
+        s(&state),
+        "--spiffe-id",
+        "spiffe://east.example/ns/shop/sa/web",
+    ]);
+    ok(&["identity", "rotate", "prepare", "--state", s(&state)]);
+    let out = tmp.path().join("out");
+    ok(&[
+        "identity",
+        "issue",
+        "--state",
+        s(&state),
+        "--spiffe-id",
+        "spiffe://east.example/ns/shop/sa/api",
+        "--out",
+        s(&out),
+    ]);
+    let events = ok(&["audit", "query", s(&state), "--decision", "admin", "--json"]);
+    for what in [
+        "identity entry create `spiffe://east.example/ns/shop/sa/web`",
+        "identity token create",
+        "identity rotate prepare",
+        "identity issue `spiffe://east.example/ns/shop/sa/api`",
+    ] {
+        assert!(events.contains(what), "`{what}` not recorded in {events}");
+    }
+    ok(&["audit", "verify", s(&state)]);
+}

@@ -1,10 +1,18 @@
 //! End-to-end tests of the whole mesh: one test binary, modules per area.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin_socket;
+mod dns;
+mod faults;
+mod federation;
+mod federation_cli;
+mod federation_support;
 mod gateway;
 mod gateway_cli;
 mod gateway_ops;
 mod identity_cli;
 mod policy_cli;
+mod procs;
+mod relay;
 mod support;
 mod tunnel_attacks;

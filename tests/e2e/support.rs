@@ -168,6 +168,7 @@ impl Cluster {
                 issuer: None,
                 dns_names: vec!["localhost".into()],
                 ip_addrs: vec!["127.0.0.1".parse().unwrap()],
+                dns: None,
             },
             policy: PolicyConfig {
                 dir: policy_dir,
@@ -285,8 +286,23 @@ impl Reply {
 
 impl Client {
     pub fn new(cluster: &Cluster, svid: Option<&X509Svid>, alpn: &[&[u8]]) -> Client {
+        Client::for_gateway(
+            &cluster.issuer,
+            cluster.gateway.addrs().workload,
+            svid,
+            alpn,
+        )
+    }
+
+    /// A client of the workload listener at `addr` of `issuer`'s cluster.
+    pub fn for_gateway(
+        issuer: &Issuer,
+        addr: SocketAddr,
+        svid: Option<&X509Svid>,
+        alpn: &[&[u8]],
+    ) -> Client {
         let mut roots = rustls::RootCertStore::empty();
-        for root in cluster.issuer.bundle().x509_roots() {
+        for root in issuer.bundle().x509_roots() {
             roots.add(root.clone()).unwrap();
         }
         let builder =
@@ -306,7 +322,7 @@ impl Client {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Client {
             config: Arc::new(config),
-            addr: cluster.gateway.addrs().workload,
+            addr,
         }
     }
 

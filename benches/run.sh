@@ -1,0 +1,539 @@
+#!/usr/bin/env bash
+# benches/run.sh — side-by-side load benchmark of meshgate (issue 6, "Benchmarks").
+#
+# NOT run by CI: CI runs the debug test suite only. Run it by hand:
+#
+#     bash benches/run.sh            # full run: 5 repetitions, ~12 minutes after the builds
+#     bash benches/run.sh --quick    # smoke test: 2 repetitions, short runs (~2 minutes)
+#
+# In ONE run, on this machine, it measures three paths with the same upstream (nginx serving
+# a 1 KiB static file on loopback):
+#   direct    client → upstream
+#   nginx     client → nginx A (TLS, verifies the client cert) → mTLS → nginx B → upstream
+#   meshgate  client → meshgate east (workload mTLS) → QUIC → meshgate west
+#             (Cedar + quota + decision log) → upstream
+# Every certificate comes from our own issuer (`meshgate identity init/issue`).
+# The load generator is `oha` at a fixed rate with latency correction, and unthrottled for
+# the maximum rate. Paths alternate within each repetition; the report gives medians, paired
+# differences (proxied run minus the adjacent direct run) and ratios meshgate ÷ nginx pair.
+#
+# Needs: the Rust toolchain, python3, curl, nginx (installed with apt-get if missing, as
+# root) and oha (installed with `cargo install oha --locked` if missing, several minutes).
+# Everything listens on 127.0.0.1 only; every process it starts is stopped on exit; every
+# load run is bounded by `timeout`.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: benches/run.sh [--quick] [--reps N] [--duration SECS] [--perf] [--keep] [--results DIR]
+
+  --quick          smoke test: 2 repetitions, 3 s runs
+  --reps N         repetitions (default 5; at least 5 for figures worth quoting)
+  --duration SECS  length of each measured run (default 10)
+  --perf           after the measured runs, profile both gateways with `perf record`
+                   during one extra saturation run (flat profile into the results)
+  --keep           keep the temporary directory (configs, certificates, logs)
+  --results DIR    where to write the results (default target/meshgate-bench/<UTC time>)
+EOF
+}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=5
+DUR=10
+WARM=3
+QUICK=0
+PERF=0
+KEEP=0
+RESULTS=""
+RATE=1000            # fixed request rate of the latency runs
+LAT_CONNS=16         # connections of the latency runs
+SAT_CONNS=64         # connections of the saturation (maximum rate) runs
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --quick) QUICK=1; REPS=2; DUR=3; WARM=1 ;;
+    --reps) REPS=${2:?--reps needs a number}; shift ;;
+    --duration) DUR=${2:?--duration needs seconds}; shift ;;
+    --perf) PERF=1 ;;
+    --keep) KEEP=1 ;;
+    --results) RESULTS=${2:?--results needs a directory}; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument \`$1\`" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || { echo "run.sh: --reps must be a positive number" >&2; exit 2; }
+[[ $DUR =~ ^[0-9]+$ && $DUR -ge 1 ]] || { echo "run.sh: --duration must be whole seconds" >&2; exit 2; }
+
+say() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------- cleanup
+PIDS=()          # every long-running process this script started
+WORK=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    if [[ -n $WORK && -d $WORK ]]; then
+        if [[ $KEEP -eq 1 || $rc -ne 0 ]]; then
+            say "temporary directory kept: $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------- tools
+command -v python3 >/dev/null || die "python3 is needed (the statistics helper)"
+command -v curl >/dev/null || die "curl is needed (readiness checks); bash scripts/install-test-tools.sh"
+command -v cargo >/dev/null || die "cargo is needed"
+
+if ! command -v nginx >/dev/null; then
+    [[ $EUID -eq 0 ]] || die "nginx is missing; install it (apt-get install -y nginx) or run as root"
+    say "installing nginx from Debian's packages"
+    apt-get install -y nginx >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; }
+fi
+NGINX=$(command -v nginx)
+
+if ! command -v oha >/dev/null; then
+    say "installing oha (cargo install oha --locked; several minutes on 2 cores)"
+    cargo install oha --locked >&2
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+OHA=$(command -v oha)
+# Older oha versions spell the JSON switch `--json`.
+if "$OHA" --help 2>&1 | grep -q -- '--output-format'; then
+    OHA_JSON=(--output-format json)
+else
+    OHA_JSON=(--json)
+fi
+"$OHA" --help 2>&1 | grep -q -- '--cacert' || die "oha at $OHA has no --cert/--key/--cacert; cargo install oha --locked --force"
+
+if [[ -n ${MESHGATE_BENCH_BIN:-} ]]; then
+    MG=$(realpath "$MESHGATE_BENCH_BIN")   # for working on this script: skips the build
+    say "using $MG (MESHGATE_BENCH_BIN), not building"
+else
+    say "building meshgate (cargo build --release)"
+    (cd "$REPO" && cargo build --release --bin meshgate >&2) || die "cargo build --release failed"
+    MG="$REPO/target/release/meshgate"
+fi
+[[ -x $MG ]] || die "no binary at $MG"
+
+# ---------------------------------------------------------------------------- work dir
+WORK=$(mktemp -d /tmp/meshgate-bench.XXXXXX)
+chmod 755 "$WORK"    # nginx workers (user nobody/www-data) read the static file from here
+[[ -n $RESULTS ]] || RESULTS="$REPO/target/meshgate-bench/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$RESULTS/oha"
+RESULTS=$(cd "$RESULTS" && pwd)
+say "work dir $WORK, results in $RESULTS"
+
+# Free loopback ports (TCP and UDP both free, as the QUIC tunnel needs UDP).
+read -r P_UP P_NA P_NB P_EW P_ET P_EA P_WW P_WT P_WA < <(python3 - 9 <<'EOF'
+import socket, sys
+n = int(sys.argv[1]); held = []; ports = []
+while len(ports) < n:
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); continue
+    held += [t, u]; ports.append(p)
+print(*ports)
+EOF
+)
+
+# Polls `cmd…` until it succeeds (readiness), failing fast if process `pid` died.
+wait_until() {
+    local what=$1 pid=$2 secs=$3; shift 3
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        kill -0 "$pid" 2>/dev/null || die "$what exited during start-up (see $WORK/logs)"
+        ((SECONDS < deadline)) || die "$what not ready after ${secs}s (see $WORK/logs)"
+        sleep 0.1
+    done
+}
+mkdir -p "$WORK/logs"
+
+# ---------------------------------------------------------------------------- identities
+say "issuing certificates with meshgate's issuer"
+ID="$WORK/id"
+mkdir -p "$ID"
+"$MG" identity init --state "$WORK/east" --trust-domain east.example >/dev/null
+"$MG" identity init --state "$WORK/west" --trust-domain west.example >/dev/null
+"$MG" identity bundle --state "$WORK/east" >"$ID/east-bundle.json"
+"$MG" identity bundle --state "$WORK/west" >"$ID/west-bundle.json"
+"$MG" identity bundle --state "$WORK/east" --format pem >"$ID/east-bundle.pem"
+"$MG" identity bundle --state "$WORK/west" --format pem >"$ID/west-bundle.pem"
+# The client (same identity for both proxied paths), and the two nginx proxies: A in east,
+# B in west, each with a listener certificate for localhost/127.0.0.1.
+"$MG" identity issue --state "$WORK/east" --spiffe-id spiffe://east.example/ns/shop/sa/web \
+    --out "$ID/web" --ttl 24h >/dev/null
+"$MG" identity issue --state "$WORK/east" --spiffe-id spiffe://east.example/ns/edge/sa/nginx-a \
+    --dns-name localhost --ip 127.0.0.1 --out "$ID/nginx-a" --ttl 24h >/dev/null
+"$MG" identity issue --state "$WORK/west" --spiffe-id spiffe://west.example/ns/edge/sa/nginx-b \
+    --dns-name localhost --ip 127.0.0.1 --out "$ID/nginx-b" --ttl 24h >/dev/null
+CLIENT_TLS=(--cert "$ID/web/svid.pem" --key "$ID/web/key.pem" --cacert "$ID/east-bundle.pem")
+
+# ---------------------------------------------------------------------------- nginx
+# One prefix per instance; `daemon off` keeps the master our child, so its pid is $!.
+nginx_conf() { # name, server block
+    local dir="$WORK/nginx-$1"
+    mkdir -p "$dir/logs"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+$2
+}
+EOF
+}
+start_nginx() { # name → sets NGINX_PID
+    local dir="$WORK/nginx-$1"
+    "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
+        || die "nginx $1: invalid configuration ($dir/nginx.conf)"
+    "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
+        >"$WORK/logs/nginx-$1.out" 2>&1 &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+}
+
+say "starting the upstream (nginx, 1 KiB static file) on 127.0.0.1:$P_UP"
+mkdir -p "$WORK/www"
+head -c 1024 /dev/zero | tr '\0' 'x' >"$WORK/www/body"
+chmod -R a+rX "$WORK/www"
+nginx_conf upstream "    server {
+        listen 127.0.0.1:$P_UP reuseport backlog=4096;
+        location / { root $WORK/www; default_type application/octet-stream; try_files /body =404; }
+    }"
+sed -i 's/^worker_processes auto;/worker_processes 1;/' "$WORK/nginx-upstream/nginx.conf"
+start_nginx upstream
+UP_PID=$NGINX_PID
+wait_until "upstream nginx" "$UP_PID" 20 curl -fsS "http://127.0.0.1:$P_UP/v1/orders/1"
+
+say "starting the nginx mTLS pair: A on :$P_NA → B on :$P_NB"
+nginx_conf b "    upstream app { server 127.0.0.1:$P_UP; keepalive 64; }
+    server {
+        listen 127.0.0.1:$P_NB ssl reuseport backlog=4096;
+        ssl_certificate $ID/nginx-b/svid.pem;
+        ssl_certificate_key $ID/nginx-b/key.pem;
+        ssl_client_certificate $ID/east-bundle.pem;   # A's identity comes from east
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_protocols TLSv1.3;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+nginx_conf a "    upstream pair_b { server 127.0.0.1:$P_NB; keepalive 64; }
+    server {
+        listen 127.0.0.1:$P_NA ssl reuseport backlog=4096;
+        ssl_certificate $ID/nginx-a/svid.pem;
+        ssl_certificate_key $ID/nginx-a/key.pem;
+        ssl_client_certificate $ID/east-bundle.pem;   # workloads of east
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_protocols TLSv1.3;
+        location / {
+            proxy_pass https://pair_b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_ssl_certificate $ID/nginx-a/svid.pem;
+            proxy_ssl_certificate_key $ID/nginx-a/key.pem;
+            proxy_ssl_trusted_certificate $ID/west-bundle.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 3;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_ssl_protocols TLSv1.3;
+        }
+    }"
+start_nginx b
+NB_PID=$NGINX_PID
+start_nginx a
+NA_PID=$NGINX_PID
+NGINX_URL="https://localhost:$P_NA/v1/orders/1"
+wait_until "nginx pair" "$NA_PID" 20 curl -fsS --cacert "$ID/east-bundle.pem" \
+    --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" "$NGINX_URL"
+# A client without a certificate must be refused by A (the pair really does mTLS).
+if curl -fsS --cacert "$ID/east-bundle.pem" "$NGINX_URL" >/dev/null 2>&1; then
+    die "nginx A accepted a client without a certificate"
+fi
+
+# ---------------------------------------------------------------------------- meshgate
+say "starting meshgate: east workload :$P_EW → QUIC :$P_WT → west → upstream"
+mkdir -p "$WORK/policies"
+cat >"$WORK/policies/bench.cedar" <<'EOF'
+// The benchmark's client may read orders in west; the quota is charged on every request
+// but is far above the offered load.
+@id("bench-web-reads-orders")
+@quota("1000000/s burst 100000")
+permit (
+  principal == Workload::"spiffe://east.example/ns/shop/sa/web",
+  action in Action::"read",
+  resource == Service::"orders.shop.west"
+)
+when { context.mtls };
+
+@id("no-admin-paths")
+forbid (principal, action, resource)
+when { context.path like "/admin/*" || context.path == "/admin" };
+EOF
+"$MG" policy validate "$WORK/policies" >"$WORK/logs/policy-validate.out" 2>&1 \
+    || die "benchmark policies invalid: $(cat "$WORK/logs/policy-validate.out")"
+cat >"$WORK/west.toml" <<EOF
+cluster = "west"
+trust_domain = "west.example"
+state_dir = "$WORK/west"
+
+[listeners]
+workload = "127.0.0.1:$P_WW"
+tunnel = "127.0.0.1:$P_WT"
+admin = "127.0.0.1:$P_WA"
+
+[policy]
+dir = "$WORK/policies"
+
+[[services]]
+name = "orders"
+namespace = "shop"
+endpoints = ["127.0.0.1:$P_UP"]
+export_to = ["east"]
+timeout = "5s"
+
+[[peers]]
+cluster = "east"
+trust_domain = "east.example"
+gateways = ["127.0.0.1:$P_ET"]
+bundle = "$ID/east-bundle.json"
+EOF
+cat >"$WORK/east.toml" <<EOF
+cluster = "east"
+trust_domain = "east.example"
+state_dir = "$WORK/east"
+
+[listeners]
+workload = "127.0.0.1:$P_EW"
+tunnel = "127.0.0.1:$P_ET"
+admin = "127.0.0.1:$P_EA"
+
+[policy]
+dir = "$WORK/policies"
+
+[[peers]]
+cluster = "west"
+trust_domain = "west.example"
+gateways = ["127.0.0.1:$P_WT"]
+bundle = "$ID/west-bundle.json"
+services = ["orders.shop"]
+EOF
+export RUST_LOG=${RUST_LOG:-warn}   # the gateway's default: no per-request access log
+"$MG" gateway --config "$WORK/west.toml" >"$WORK/logs/west.out" 2>&1 &
+WEST_PID=$!
+PIDS+=("$WEST_PID")
+"$MG" gateway --config "$WORK/east.toml" >"$WORK/logs/east.out" 2>&1 &
+EAST_PID=$!
+PIDS+=("$EAST_PID")
+wait_until "meshgate west" "$WEST_PID" 60 curl -fsS "http://127.0.0.1:$P_WA/readyz"
+wait_until "meshgate east" "$EAST_PID" 60 curl -fsS "http://127.0.0.1:$P_EA/readyz"
+MG_URL="https://localhost:$P_EW/v1/orders/1"
+MG_HOST="orders.shop.west.mesh"
+wait_until "meshgate pair" "$EAST_PID" 60 curl -fsS --cacert "$ID/east-bundle.pem" \
+    --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" -H "host: $MG_HOST" "$MG_URL"
+curl -fsS -D "$WORK/logs/mg-head.txt" -o /dev/null --cacert "$ID/east-bundle.pem" \
+    --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" -H "host: $MG_HOST" "$MG_URL"
+grep -qi '^x-meshgate-decision-id:' "$WORK/logs/mg-head.txt" \
+    || die "meshgate answered without x-meshgate-decision-id (enforcement not on the path?)"
+
+# ---------------------------------------------------------------------------- measuring
+NGINX_PIDS=("$NA_PID" $(pgrep -P "$NA_PID") "$NB_PID" $(pgrep -P "$NB_PID"))
+MG_PIDS=("$EAST_PID" "$WEST_PID")
+CLK_TCK=$(getconf CLK_TCK)
+
+pids_of() {
+    case "$1" in
+    direct) echo "" ;;
+    nginx) echo "${NGINX_PIDS[*]}" ;;
+    meshgate) echo "${MG_PIDS[*]}" ;;
+    esac
+}
+# utime+stime (clock ticks) summed over pids: fields 14 and 15 of /proc/<pid>/stat.
+cpu_ticks() {
+    local sum=0 p rest
+    for p in "$@"; do
+        rest=$(<"/proc/$p/stat") || die "process $p is gone"
+        rest=${rest##*) }
+        read -r -a f <<<"$rest"
+        sum=$((sum + f[11] + f[12]))
+    done
+    echo "$sum"
+}
+# VmRSS (KiB) summed over pids.
+rss_kib() {
+    local sum=0 p v
+    for p in "$@"; do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") || die "process $p is gone"
+        sum=$((sum + v))
+    done
+    echo "$sum"
+}
+alive_check() {
+    local p
+    for p in "$UP_PID" "${NGINX_PIDS[@]}" "${MG_PIDS[@]}"; do
+        kill -0 "$p" 2>/dev/null || die "process $p died during the benchmark (see $WORK/logs)"
+    done
+}
+url_of() { case "$1" in direct) echo "http://127.0.0.1:$P_UP/v1/orders/1" ;; nginx) echo "$NGINX_URL" ;; meshgate) echo "$MG_URL" ;; esac; }
+oha_args_of() {
+    case "$1" in
+    direct) OHA_PATH_ARGS=() ;;
+    nginx) OHA_PATH_ARGS=("${CLIENT_TLS[@]}") ;;
+    meshgate) OHA_PATH_ARGS=("${CLIENT_TLS[@]}" -H "host: $MG_HOST") ;;
+    esac
+}
+
+SEQ=0
+RUNS="$RESULTS/runs.tsv"
+printf 'seq\tphase\trep\tpath\tfile\tcpu_ticks\trss_max_kib\n' >"$RUNS"
+
+# run_oha PHASE REP PATH SECONDS MODE(fixed|max): one bounded oha run, CPU and RSS sampled.
+run_oha() {
+    local phase=$1 rep=$2 path=$3 secs=$4 mode=$5
+    local file="$RESULTS/oha/$(printf '%03d' "$SEQ")-$phase-r$rep-$path.json"
+    local pids; read -r -a pids <<<"$(pids_of "$path")"
+    local load=()
+    if [[ $mode == fixed ]]; then
+        load=(-q "$RATE" -c "$LAT_CONNS" --latency-correction)
+    else
+        load=(-c "$SAT_CONNS")
+    fi
+    oha_args_of "$path"
+    alive_check
+    local t0=0 rssfile="$WORK/rss.$SEQ" sampler=""
+    echo 0 >"$rssfile"
+    if [[ ${#pids[@]} -gt 0 ]]; then
+        t0=$(cpu_ticks "${pids[@]}")
+        (   max=0
+            while :; do
+                cur=$(rss_kib "${pids[@]}" 2>/dev/null) || exit 0
+                ((cur > max)) && max=$cur && echo "$max" >"$rssfile"
+                sleep 0.25
+            done ) &
+        sampler=$!
+    fi
+    local rc=0
+    timeout --kill-after=5 $((secs + 60)) "$OHA" -z "${secs}s" "${load[@]}" --no-tui "${OHA_JSON[@]}" \
+        "${OHA_PATH_ARGS[@]}" "$(url_of "$path")" >"$file" 2>"$WORK/logs/oha.err" || rc=$?
+    local dt=0
+    if [[ -n $sampler ]]; then
+        kill "$sampler" 2>/dev/null || true
+        wait "$sampler" 2>/dev/null || true
+        dt=$(($(cpu_ticks "${pids[@]}") - t0))
+    fi
+    [[ $rc -eq 0 ]] || die "oha failed ($rc) on $path: $(head -c 500 "$WORK/logs/oha.err")"
+    if [[ $phase != warmup ]]; then
+        printf '%d\t%s\t%d\t%s\t%s\t%d\t%d\n' "$SEQ" "$phase" "$rep" "$path" "$(basename "$file")" \
+            "$dt" "$(cat "$rssfile")" >>"$RUNS"
+    fi
+    SEQ=$((SEQ + 1))
+}
+
+say "warming up every path (${WARM}s each, not recorded)"
+for path in direct nginx meshgate; do run_oha warmup 0 "$path" "$WARM" fixed; done
+
+# Idle RSS: after the warm-up, no load.
+printf 'path\trss_idle_kib\n' >"$RESULTS/idle.tsv"
+printf 'nginx\t%d\nmeshgate\t%d\n' "$(rss_kib "${NGINX_PIDS[@]}")" "$(rss_kib "${MG_PIDS[@]}")" >>"$RESULTS/idle.tsv"
+
+loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)
+say "latency: $REPS reps × (direct, proxied, proxied, direct), ${DUR}s each at $RATE rps, $LAT_CONNS connections"
+for rep in $(seq 1 "$REPS"); do
+    if ((rep % 2)); then order=(direct nginx meshgate direct); else order=(direct meshgate nginx direct); fi
+    for path in "${order[@]}"; do
+        run_oha latency "$rep" "$path" "$DUR" fixed
+    done
+    say "  latency rep $rep/$REPS done (load $(cut -d' ' -f1 /proc/loadavg))"
+done
+
+say "maximum rate: $REPS reps × 3 paths, ${DUR}s each, $SAT_CONNS connections, unthrottled"
+for rep in $(seq 1 "$REPS"); do
+    case $((rep % 3)) in
+    1) order=(direct nginx meshgate) ;;
+    2) order=(nginx meshgate direct) ;;
+    0) order=(meshgate direct nginx) ;;
+    esac
+    for path in "${order[@]}"; do
+        run_oha saturation "$rep" "$path" "$DUR" max
+    done
+    say "  saturation rep $rep/$REPS done (load $(cut -d' ' -f1 /proc/loadavg))"
+done
+loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# The decision log really was on: west counted its decisions.
+curl -fsS "http://127.0.0.1:$P_WA/metrics" | grep '^meshgate_requests' >"$RESULTS/west-metrics.txt" || true
+
+if [[ $PERF -eq 1 ]]; then
+    if command -v perf >/dev/null; then
+        say "profiling both gateways (perf record, ${DUR}s saturation run, not recorded)"
+        perf record -F 999 -o "$WORK/perf.data" -p "$EAST_PID,$WEST_PID" \
+            >"$WORK/logs/perf.out" 2>&1 &
+        perf_pid=$!
+        PIDS+=("$perf_pid")
+        run_oha warmup 0 meshgate "$DUR" max
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        for gw in east:$EAST_PID west:$WEST_PID; do
+            perf report -i "$WORK/perf.data" --pid "${gw#*:}" --no-children --stdio \
+                --sort dso,symbol --percent-limit 0.5 2>/dev/null \
+                | grep -v '^$' >"$RESULTS/perf-${gw%%:*}.txt" || true
+            perf report -i "$WORK/perf.data" --pid "${gw#*:}" --no-children --stdio \
+                --sort comm --percent-limit 0.5 2>/dev/null \
+                | grep -v '^$' >"$RESULTS/perf-${gw%%:*}-threads.txt" || true
+        done
+    else
+        say "perf not installed: --perf skipped"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- report
+cat >"$RESULTS/machine.txt" <<EOF
+date_utc	$(date -u +%Y-%m-%dT%H:%M:%SZ)
+nproc	$(nproc)
+cpu	$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+kernel	$(uname -r)
+loadavg_start	$loadavg_start
+loadavg_end	$loadavg_end
+nginx	$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
+oha	$("$OHA" --version 2>&1 | head -1)
+meshgate	$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')
+mode	$([[ $QUICK -eq 1 ]] && echo quick || echo full), reps=$REPS, duration=${DUR}s, rate=$RATE, latency_conns=$LAT_CONNS, saturation_conns=$SAT_CONNS
+clk_tck	$CLK_TCK
+EOF
+BENCH_RATE=$RATE BENCH_SAT_CONNS=$SAT_CONNS python3 "$REPO/benches/report.py" "$RESULTS" | tee "$RESULTS/report.md"
+say "results: $RESULTS (report.md, runs.tsv, oha/*.json)"

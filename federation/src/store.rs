@@ -1,0 +1,145 @@
+//! The federation's sled trees, all prefixed `federation.`:
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `federation.links` | peer trust domain | [`Link`] JSON |
+//! | `federation.peers` | peer trust domain | [`PeerState`] JSON |
+//! | `federation.witness` | peer trust domain, `0x00`, seq (u64 BE) | the peer's signed checkpoint JSON |
+//! | `federation.witness` | peer trust domain, `0x01` | the peer's pinned checkpoint key (hex) |
+//!
+//! Every write is flushed before it is acknowledged: cached peer state must survive a crash.
+
+use std::collections::BTreeMap;
+
+use meshgate_policy::Checkpoint;
+
+use crate::error::FederationError;
+use crate::link::{Link, PeerState};
+
+/// The federation trees of one state database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    links: sled::Tree,
+    peers: sled::Tree,
+    witness: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creates) the trees in `db`.
+    pub fn open(db: &sled::Db) -> Result<Self, FederationError> {
+        Ok(Self {
+            db: db.clone(),
+            links: db.open_tree("federation.links")?,
+            peers: db.open_tree("federation.peers")?,
+            witness: db.open_tree("federation.witness")?,
+        })
+    }
+
+    /// Every link, by trust domain.
+    pub fn links(&self) -> Result<BTreeMap<String, Link>, FederationError> {
+        read_all(&self.links)
+    }
+
+    /// Adds or replaces a link.
+    pub fn put_link(&self, link: &Link) -> Result<(), FederationError> {
+        let json = serde_json::to_vec(link).map_err(FederationError::encoding)?;
+        self.links.insert(link.trust_domain.as_bytes(), json)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Adds a link without a running federation (`meshgate federation add` on the state):
+    /// the bootstrap bundle becomes the cached one unless a newer one is cached, and the
+    /// operator's adding it counts as confirming it at `now`.
+    pub fn add_link(&self, link: &Link, now: std::time::SystemTime) -> Result<(), FederationError> {
+        let (_, bundle) = link.validate()?;
+        let mut state = self.peers()?.remove(&link.trust_domain).unwrap_or_default();
+        if state.bundle_sequence <= bundle.sequence() {
+            state.set_bundle(&bundle, now);
+        } else {
+            state.confirmed_at = Some(crate::link::unix(now));
+        }
+        self.put_link(link)?;
+        self.put_peer(&link.trust_domain, &state)
+    }
+
+    /// Removes a link and everything known about the peer. Returns whether it existed.
+    pub fn remove_link(&self, td: &str) -> Result<bool, FederationError> {
+        let existed = self.links.remove(td.as_bytes())?.is_some();
+        self.peers.remove(td.as_bytes())?;
+        self.db.flush()?;
+        Ok(existed)
+    }
+
+    /// The last known state of every peer.
+    pub fn peers(&self) -> Result<BTreeMap<String, PeerState>, FederationError> {
+        read_all(&self.peers)
+    }
+
+    /// Stores a peer's state.
+    pub fn put_peer(&self, td: &str, state: &PeerState) -> Result<(), FederationError> {
+        let json = serde_json::to_vec(state).map_err(FederationError::encoding)?;
+        self.peers.insert(td.as_bytes(), json)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The checkpoints of `td`'s decision log held here, oldest first.
+    pub fn witnessed(&self, td: &str) -> Result<Vec<Checkpoint>, FederationError> {
+        let mut prefix = td.as_bytes().to_vec();
+        prefix.push(0);
+        self.witness
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (_, v) = item?;
+                serde_json::from_slice(&v).map_err(FederationError::encoding)
+            })
+            .collect()
+    }
+
+    /// The checkpoint key pinned for `td`.
+    pub fn witness_key(&self, td: &str) -> Result<Option<String>, FederationError> {
+        let mut key = td.as_bytes().to_vec();
+        key.push(1);
+        Ok(self
+            .witness
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Appends checkpoints (already admitted by the witness rules) and pins the key.
+    pub fn append_witnessed(
+        &self,
+        td: &str,
+        key: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<(), FederationError> {
+        let mut batch = sled::Batch::default();
+        let mut pin = td.as_bytes().to_vec();
+        pin.push(1);
+        batch.insert(pin, key.as_bytes());
+        for cp in checkpoints {
+            let mut k = td.as_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(&cp.seq.to_be_bytes());
+            let json = serde_json::to_vec(cp).map_err(FederationError::encoding)?;
+            batch.insert(k, json);
+        }
+        self.witness.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn read_all<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+) -> Result<BTreeMap<String, T>, FederationError> {
+    tree.iter()
+        .map(|item| {
+            let (k, v) = item?;
+            let value = serde_json::from_slice(&v).map_err(FederationError::encoding)?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), value))
+        })
+        .collect()
+}

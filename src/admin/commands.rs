@@ -1,0 +1,249 @@
+//! The built-in admin commands: their arguments and replies, shared by the CLI (which sends
+//! them, or runs the same logic on a directly opened state) and the gateway's handlers.
+//!
+//! Replies that the policy and identity crates only serialize are mirrored here with the
+//! same fields in the same order, so `--json` prints the same document either way.
+
+use std::time::SystemTime;
+
+use meshgate_identity::{JoinToken, RegistrationEntry};
+use meshgate_policy::{Checkpoint, DecisionKind, Filter, Tamper, VerifyReport};
+use serde::{Deserialize, Serialize};
+
+use super::protocol::AdminCommand;
+
+/// `identity entry create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryCreate {
+    pub spiffe_id: String,
+    pub ttl_secs: u64,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+}
+
+impl AdminCommand for EntryCreate {
+    const NAME: &'static str = "identity.entry.create";
+    type Reply = RegistrationEntry;
+    fn describe(&self) -> String {
+        format!("identity entry create `{}`", self.spiffe_id)
+    }
+}
+
+/// `identity entry list`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryList {}
+
+impl AdminCommand for EntryList {
+    const NAME: &'static str = "identity.entry.list";
+    type Reply = Vec<RegistrationEntry>;
+}
+
+/// `identity entry delete`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryDelete {
+    pub spiffe_id: String,
+}
+
+impl AdminCommand for EntryDelete {
+    const NAME: &'static str = "identity.entry.delete";
+    type Reply = RegistrationEntry;
+    fn describe(&self) -> String {
+        format!("identity entry delete `{}`", self.spiffe_id)
+    }
+}
+
+/// `identity token create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub spiffe_id: String,
+    pub ttl_secs: u64,
+}
+
+impl AdminCommand for TokenCreate {
+    const NAME: &'static str = "identity.token.create";
+    type Reply = TokenView;
+    fn describe(&self) -> String {
+        format!("identity token create `{}`", self.spiffe_id)
+    }
+}
+
+/// A join token as printed (the fields of [`JoinToken`], in its order).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenView {
+    pub token: String,
+    pub spiffe_id: String,
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for TokenView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenView")
+            .field("token", &"<redacted>")
+            .field("spiffe_id", &self.spiffe_id)
+            .finish()
+    }
+}
+
+impl From<JoinToken> for TokenView {
+    fn from(t: JoinToken) -> Self {
+        Self {
+            token: t.token,
+            spiffe_id: t.spiffe_id.to_string(),
+            expires_at: t.expires_at,
+        }
+    }
+}
+
+/// `audit query`: matching records stream as items; the reply is how many.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    pub principal: Option<String>,
+    pub resource: Option<String>,
+    pub decision: Option<DecisionKind>,
+    pub policy: Option<String>,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    pub limit: Option<usize>,
+}
+
+impl AdminCommand for AuditQuery {
+    const NAME: &'static str = "audit.query";
+    type Reply = u64;
+}
+
+impl From<&Filter> for AuditQuery {
+    fn from(f: &Filter) -> Self {
+        Self {
+            principal: f.principal.clone(),
+            resource: f.resource.clone(),
+            decision: f.decision,
+            policy: f.policy.clone(),
+            since: f.since,
+            until: f.until,
+            limit: f.limit,
+        }
+    }
+}
+
+impl From<AuditQuery> for Filter {
+    fn from(q: AuditQuery) -> Self {
+        Filter {
+            principal: q.principal,
+            resource: q.resource,
+            decision: q.decision,
+            policy: q.policy,
+            since: q.since,
+            until: q.until,
+            limit: q.limit,
+        }
+    }
+}
+
+/// `audit verify`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditVerify {}
+
+impl AdminCommand for AuditVerify {
+    const NAME: &'static str = "audit.verify";
+    type Reply = VerifyView;
+}
+
+/// A verification report as printed (the fields of [`VerifyReport`], in its order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyView {
+    pub records: u64,
+    pub checkpoints: u64,
+    pub first_seq: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub problems: Vec<TamperView>,
+}
+
+/// One problem found by verification (the fields of [`Tamper`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TamperView {
+    pub seq: u64,
+    pub what: String,
+}
+
+impl VerifyView {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl From<VerifyReport> for VerifyView {
+    fn from(r: VerifyReport) -> Self {
+        Self {
+            records: r.records,
+            checkpoints: r.checkpoints,
+            first_seq: r.first_seq,
+            head_seq: r.head_seq,
+            head_hash: r.head_hash,
+            problems: r
+                .problems
+                .into_iter()
+                .map(|Tamper { seq, what }| TamperView { seq, what })
+                .collect(),
+        }
+    }
+}
+
+/// `audit export`: every record streams as an item; the reply is how many.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditExport {}
+
+impl AdminCommand for AuditExport {
+    const NAME: &'static str = "audit.export";
+    type Reply = u64;
+}
+
+/// `audit checkpoints`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditCheckpoints {}
+
+impl AdminCommand for AuditCheckpoints {
+    const NAME: &'static str = "audit.checkpoints";
+    type Reply = Vec<Checkpoint>;
+}
+
+/// `audit checkpoint`: sign the head now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditCheckpoint {}
+
+impl AdminCommand for AuditCheckpoint {
+    const NAME: &'static str = "audit.checkpoint";
+    type Reply = Checkpoint;
+}
+
+/// `policy reload`: reload the enforced (and shadow) set from disk, all or nothing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyReload {}
+
+impl AdminCommand for PolicyReload {
+    const NAME: &'static str = "policy.reload";
+    type Reply = ReloadReply;
+}
+
+/// What a reload did. A refused set is an answer ("no"), not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// Whether the new set now serves.
+    pub reloaded: bool,
+    /// The enforced set's version now (the old one when refused).
+    pub version: String,
+    /// The shadow set's version now, when one is loaded.
+    pub shadow_version: Option<String>,
+    /// Why the new set was refused: Cedar's diagnostics, rendered with file:line:column.
+    pub diagnostics: Option<String>,
+}

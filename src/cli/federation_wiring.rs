@@ -1,0 +1,118 @@
+//! Wiring federation into the gateway: links from the config, opening the federation over
+//! the state, and starting its tasks and the mesh DNS once the gateway runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshgate_federation::{
+    Federation, FederationOptions, FederationParts, Link, LocalCluster, MeshDns,
+};
+use meshgate_gateway::{Gateway, GatewayConfig};
+use meshgate_identity::{BundleSet, Issuer, TrustDomain};
+use meshgate_policy::DecisionLog;
+
+use crate::exit::{CliResult, ResultExt};
+
+#[path = "federation_adapters.rs"]
+mod adapters;
+pub use adapters::{FederatedCatalog, TunnelTransport};
+
+/// The links a gateway config declares (`[[peers]]`), bootstrap bundles read from their files.
+pub fn links_from_config(config: &GatewayConfig) -> CliResult<Vec<Link>> {
+    config
+        .peers
+        .iter()
+        .map(|peer| {
+            let bundle = std::fs::read_to_string(&peer.bundle).input_ctx(|| {
+                format!(
+                    "peer `{}`: cannot read bundle `{}`",
+                    peer.cluster,
+                    peer.bundle.display()
+                )
+            })?;
+            let link = Link {
+                cluster: peer.cluster.clone(),
+                trust_domain: peer.trust_domain.clone(),
+                gateways: peer.gateways.clone(),
+                dns: peer.dns.clone(),
+                priority: peer.priority,
+                bootstrap_bundle: bundle,
+                services: peer.services.clone(),
+            };
+            link.validate()
+                .input_ctx(|| format!("peer `{}`", peer.cluster))?;
+            Ok(link)
+        })
+        .collect()
+}
+
+/// This cluster as federation sees it: its services and whom each is exported to.
+pub fn local_cluster(config: &GatewayConfig, td: &TrustDomain) -> LocalCluster {
+    LocalCluster {
+        cluster: config.cluster.clone(),
+        trust_domain: td.clone(),
+        services: config
+            .services
+            .iter()
+            .map(|s| (format!("{}.{}", s.name, s.namespace), s.export_to.clone()))
+            .collect(),
+    }
+}
+
+/// Opens the federation over the state's database (before the gateway starts).
+pub fn open(
+    db: &sled::Db,
+    config: &GatewayConfig,
+    issuer: &Arc<Issuer>,
+    log: &Arc<DecisionLog>,
+    bundles: &BundleSet,
+    links: &[Link],
+) -> CliResult<Arc<Federation>> {
+    Federation::open(
+        db,
+        FederationParts {
+            local: local_cluster(config, issuer.trust_domain()),
+            issuer: issuer.clone(),
+            log: Some(log.clone()),
+            bundles: bundles.clone(),
+            links: links.to_vec(),
+            options: FederationOptions::default(),
+        },
+        SystemTime::now(),
+    )
+    .input_ctx(|| "federation links")
+}
+
+/// After the gateway started: hands federation the tunnel, starts its refresh tasks and,
+/// when `listeners.dns` is set, the mesh DNS.
+pub async fn start(
+    fed: &Arc<Federation>,
+    gateway: &Gateway,
+    config: &GatewayConfig,
+) -> CliResult<Option<MeshDns>> {
+    let addrs = gateway.addrs();
+    let advertise = |a: SocketAddr| match config.listeners.ip_addrs.first() {
+        Some(ip) if a.ip().is_unspecified() => SocketAddr::new(*ip, a.port()),
+        _ => a,
+    };
+    fed.attach(
+        Arc::new(TunnelTransport(gateway.control_client())),
+        vec![advertise(addrs.tunnel)],
+    );
+    fed.start();
+    match config.listeners.dns {
+        Some(bind) => {
+            let dns = MeshDns::start(
+                fed.clone(),
+                bind,
+                &config.mesh_suffix,
+                advertise(addrs.workload),
+            )
+            .await
+            .internal_err()?;
+            Ok(Some(dns))
+        }
+        None => Ok(None),
+    }
+}

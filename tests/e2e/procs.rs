@@ -1,0 +1,100 @@
+//! Helpers for tests that drive the real `meshgate` binary as processes: run a command,
+//! keep a child that is killed on drop, free ports, wait for readiness.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
+
+/// How long a test waits for a process to become ready or to exit.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A child process, killed (and reaped) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `meshgate ARGS` and asserts that it succeeds.
+pub fn meshgate(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "meshgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `meshgate ARGS`, whatever its exit code.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// A path as a string argument.
+pub fn arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until a gateway answers on the state directory's admin socket.
+pub fn wait_admin_socket(state: &Path) {
+    let sock = state.join("admin.sock");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no admin socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends SIGINT (Ctrl-C) to `child` and waits for it to exit.
+pub fn interrupt(child: &mut Child) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -INT failed");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not exit on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
