@@ -125,17 +125,20 @@ if [[ -n ${MESHGATE_BENCH_BIN:-} ]]; then
 else
     say "building meshgate (cargo build --release)"
     (cd "$REPO" && cargo build --release --bin meshgate >&2) || die "cargo build --release failed"
-    MG="$REPO/target/release/meshgate"
+    MG="${CARGO_TARGET_DIR:-$REPO/target}/release/meshgate"
 fi
 [[ -x $MG ]] || die "no binary at $MG"
 
 # ---------------------------------------------------------------------------- work dir
 WORK=$(mktemp -d /tmp/meshgate-bench.XXXXXX)
 chmod 755 "$WORK"    # nginx workers (user nobody/www-data) read the static file from here
-[[ -n $RESULTS ]] || RESULTS="$REPO/target/meshgate-bench/$(date -u +%Y%m%dT%H%M%SZ)"
+[[ -n $RESULTS ]] || RESULTS="${CARGO_TARGET_DIR:-$REPO/target}/meshgate-bench/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$RESULTS/oha"
 RESULTS=$(cd "$RESULTS" && pwd)
 say "work dir $WORK, results in $RESULTS"
+# A private copy: a concurrent `cargo build --release` must not swap the binary mid-run.
+cp "$MG" "$WORK/meshgate"
+MG="$WORK/meshgate"
 
 # Free loopback ports (TCP and UDP both free, as the QUIC tunnel needs UDP).
 read -r P_UP P_NA P_NB P_EW P_ET P_EA P_WW P_WT P_WA < <(python3 - 9 <<'EOF'
@@ -414,7 +417,7 @@ oha_args_of() {
     case "$1" in
     direct) OHA_PATH_ARGS=() ;;
     nginx) OHA_PATH_ARGS=("${CLIENT_TLS[@]}") ;;
-    meshgate) OHA_PATH_ARGS=("${CLIENT_TLS[@]}" -H "host: $MG_HOST") ;;
+    meshgate) OHA_PATH_ARGS=("${CLIENT_TLS[@]}" --host "$MG_HOST") ;;
     esac
 }
 
@@ -522,6 +525,14 @@ if [[ $PERF -eq 1 ]]; then
 fi
 
 # ---------------------------------------------------------------------------- report
+mg_version() {
+    local rev
+    if rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); then
+        git -C "$REPO" diff --quiet HEAD 2>/dev/null && echo "$rev" || echo "$rev (+uncommitted changes)"
+    else
+        echo "${MESHGATE_BENCH_LABEL:-unknown (not a git checkout)}"
+    fi
+}
 cat >"$RESULTS/machine.txt" <<EOF
 date_utc	$(date -u +%Y-%m-%dT%H:%M:%SZ)
 nproc	$(nproc)
@@ -531,7 +542,7 @@ loadavg_start	$loadavg_start
 loadavg_end	$loadavg_end
 nginx	$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
 oha	$("$OHA" --version 2>&1 | head -1)
-meshgate	$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')
+meshgate	$(mg_version)
 mode	$([[ $QUICK -eq 1 ]] && echo quick || echo full), reps=$REPS, duration=${DUR}s, rate=$RATE, latency_conns=$LAT_CONNS, saturation_conns=$SAT_CONNS
 clk_tck	$CLK_TCK
 EOF

@@ -20,6 +20,26 @@ pub fn audience(destination_td: &TrustDomain, namespace: &str, service: &str) ->
     format!("spiffe://{destination_td}/ns/{namespace}/svc/{service}")
 }
 
+/// The `amr` value for how a caller authenticated to its gateway.
+fn amr(mtls: bool) -> &'static str {
+    if mtls { AMR_MTLS } else { "jwt" }
+}
+
+/// `amr` of a caller that authenticated with its X.509-SVID over mTLS.
+pub const AMR_MTLS: &str = "x509";
+
+/// A verified caller: who, and whether it used mTLS at its own gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedCaller {
+    /// The caller's SPIFFE ID.
+    pub id: SpiffeId,
+    /// Whether the caller authenticated with an X.509-SVID (mTLS) at the source gateway.
+    pub mtls: bool,
+}
+
+/// (caller, audience, mTLS) → a minted token.
+type MintKey = (SpiffeId, String, bool);
+
 /// Source side: mints a caller's JWT-SVID per (caller, audience) and reuses it until it is
 /// within `refresh_margin` of expiry.
 #[derive(Debug)]
@@ -27,7 +47,7 @@ pub struct CallerTokens {
     issuer: Arc<Issuer>,
     ttl: Duration,
     refresh_margin: Duration,
-    cache: Mutex<HashMap<(SpiffeId, String), (String, SystemTime)>>,
+    cache: Mutex<HashMap<MintKey, (String, SystemTime)>>,
 }
 
 impl CallerTokens {
@@ -41,9 +61,16 @@ impl CallerTokens {
         }
     }
 
-    /// A JWT-SVID for `caller` with audience `aud`, valid at `now`.
-    pub fn token(&self, caller: &SpiffeId, aud: &str, now: SystemTime) -> Result<String, String> {
-        let key = (caller.clone(), aud.to_owned());
+    /// A JWT-SVID for `caller` with audience `aud`, valid at `now`; `mtls` says whether the
+    /// caller authenticated with its X.509-SVID (carried signed, as `amr`).
+    pub fn token(
+        &self,
+        caller: &SpiffeId,
+        aud: &str,
+        mtls: bool,
+        now: SystemTime,
+    ) -> Result<String, String> {
+        let key = (caller.clone(), aud.to_owned(), mtls);
         if let Ok(cache) = self.cache.lock()
             && let Some((token, exp)) = cache.get(&key)
             && now + self.refresh_margin < *exp
@@ -52,7 +79,13 @@ impl CallerTokens {
         }
         let jwt = self
             .issuer
-            .mint_jwt_svid(caller, &[aud.to_owned()], self.ttl, now)
+            .mint_jwt_svid_amr(
+                caller,
+                &[aud.to_owned()],
+                &[amr(mtls).to_owned()],
+                self.ttl,
+                now,
+            )
             .map_err(|e| e.to_string())?;
         let (token, exp) = (jwt.token, jwt.expiry);
         if let Ok(mut cache) = self.cache.lock() {
@@ -91,6 +124,7 @@ pub enum CallerError {
 #[derive(Debug, Clone)]
 struct Verified {
     caller: SpiffeId,
+    mtls: bool,
     exp: SystemTime,
     bundle: Arc<TrustBundle>,
 }
@@ -101,7 +135,7 @@ struct Verified {
 pub struct VerifiedCallers {
     bundles: BundleSet,
     leeway: Duration,
-    cache: Mutex<HashMap<(String, String), Verified>>,
+    cache: Mutex<HashMap<[u8; 32], Verified>>,
 }
 
 impl VerifiedCallers {
@@ -121,9 +155,10 @@ impl VerifiedCallers {
         token: Option<&str>,
         aud: &str,
         now: SystemTime,
-    ) -> Result<SpiffeId, CallerError> {
+    ) -> Result<VerifiedCaller, CallerError> {
         let token = token.ok_or(CallerError::Missing)?;
-        let key = (token.to_owned(), aud.to_owned());
+        // Keyed by a digest: entry size stays fixed whatever the token length.
+        let key = cache_key(token, aud);
         if let Ok(cache) = self.cache.lock()
             && let Some(v) = cache.get(&key)
             && now < v.exp
@@ -132,12 +167,13 @@ impl VerifiedCallers {
                 .get(v.caller.trust_domain())
                 .is_some_and(|b| Arc::ptr_eq(&b, &v.bundle))
         {
-            return check_domain(peer_td, v.caller.clone());
+            let id = check_domain(peer_td, v.caller.clone())?;
+            return Ok(VerifiedCaller { id, mtls: v.mtls });
         }
         let claims = verify_jwt_svid(token, &self.bundles, aud, now, self.leeway)
             .map_err(|e| CallerError::Invalid(e.to_string()))?;
-        let caller = claims.sub.clone();
-        let caller = check_domain(peer_td, caller)?;
+        let caller = check_domain(peer_td, claims.sub.clone())?;
+        let mtls = claims.amr.iter().any(|m| m == AMR_MTLS);
         if let Some(bundle) = self.bundles.get(caller.trust_domain())
             && let Ok(mut cache) = self.cache.lock()
         {
@@ -151,13 +187,24 @@ impl VerifiedCallers {
                 key,
                 Verified {
                     caller: caller.clone(),
+                    mtls,
                     exp: claims.exp,
                     bundle,
                 },
             );
         }
-        Ok(caller)
+        Ok(VerifiedCaller { id: caller, mtls })
     }
+}
+
+fn cache_key(token: &str, aud: &str) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(aud.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 fn check_domain(peer_td: &TrustDomain, caller: SpiffeId) -> Result<SpiffeId, CallerError> {

@@ -128,6 +128,18 @@ impl Enforcer {
         self.record(record, meta, Verdict::Deny(reason)).await
     }
 
+    /// Records a request the gateway could not serve for an internal reason (no reachable
+    /// peer, no caller token) and returns it as an error verdict.
+    pub async fn fail(&self, facts: &RequestFacts, meta: &RequestMeta, reason: String) -> Enforced {
+        let mut record = DecisionRecordInput::from_decision(
+            facts,
+            &refused(facts, self.policy.version().to_string()),
+        );
+        record.decision = DecisionKind::Error;
+        record.errors = vec![reason.clone()];
+        self.record(record, meta, Verdict::Error(reason)).await
+    }
+
     fn charge(
         &self,
         decision: &Decision,

@@ -89,6 +89,17 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), FramingError> {
     Ok(())
 }
 
+/// Refuses header values that are not visible ASCII (obs-text, bytes ≥ 0x80): Cedar sees
+/// headers as strings, and what a policy sees must equal what is forwarded.
+pub fn check_values(headers: &HeaderMap) -> Result<(), String> {
+    match headers.iter().find(|(_, v)| v.to_str().is_err()) {
+        Some((name, _)) => Err(format!(
+            "header `{name}` has a value that is not visible ASCII"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The trace id of a valid `traceparent`, creating the header if missing or malformed.
 pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
     if let Some(trace_id) = headers

@@ -174,6 +174,10 @@ async fn enforce_and_forward(
         status: 403,
     };
 
+    if let Err(e) = headers::check_values(&parts.headers) {
+        let enforced = shared.enforcer.refuse(&facts, &meta, e).await;
+        return finish(enforced, None, labels, StatusCode::BAD_REQUEST);
+    }
     // A control path in disguise (`//.meshgate/…`) is never forwarded to a service.
     if headers::is_reserved_path(parts.uri.path()) {
         let reason = "`/.meshgate/` paths are reserved for gateways".to_owned();
@@ -216,7 +220,10 @@ async fn enforce_and_forward(
             return finish(enforced, None, labels, StatusCode::FORBIDDEN);
         }
     };
-    facts.caller = caller.to_string();
+    facts.caller = caller.id.to_string();
+    // Whether the caller used mTLS at its gateway: signed in its token (`amr`), never a header.
+    facts.mtls = caller.mtls;
+    let caller = caller.id;
     // Decide, charge, record.
     let enforced = shared.enforcer.enforce(&facts, &meta).await;
     if enforced.verdict != Verdict::Allow {
@@ -342,7 +349,8 @@ impl Shared {
             headers: headers::policy_headers(&parts.headers),
             source_cluster,
             destination_cluster: self.cluster.clone(),
-            mtls: true,
+            // Set by each side from how the caller authenticated; false until known.
+            mtls: false,
             time: now,
             claims: None,
             service_labels: labels,

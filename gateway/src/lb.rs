@@ -145,10 +145,25 @@ impl Drop for InFlight<'_> {
 /// is ejected, the one whose ejection ends first (better a likely failure than none at all).
 /// `random` supplies two random numbers (tests pass fixed ones).
 pub fn pick(endpoints: &[Endpoint], now: Instant, random: (usize, usize)) -> Option<&Endpoint> {
+    pick_avoiding(endpoints, now, random, None)
+}
+
+/// Like [`pick`], but a retry avoids the endpoint that just failed when another is healthy.
+pub fn pick_avoiding<'a>(
+    endpoints: &'a [Endpoint],
+    now: Instant,
+    random: (usize, usize),
+    avoid: Option<&Endpoint>,
+) -> Option<&'a Endpoint> {
     for e in endpoints {
         e.expire_ejection(now);
     }
-    let healthy: Vec<&Endpoint> = endpoints.iter().filter(|e| !e.is_ejected(now)).collect();
+    let mut healthy: Vec<&Endpoint> = endpoints.iter().filter(|e| !e.is_ejected(now)).collect();
+    if let Some(avoid) = avoid
+        && healthy.len() > 1
+    {
+        healthy.retain(|e| !std::ptr::eq(*e, avoid));
+    }
     match healthy.len() {
         0 => endpoints
             .iter()
@@ -257,6 +272,27 @@ mod tests {
         }
         assert!(eps[0].is_ejected(later + BASE_EJECTION + Duration::from_millis(1)));
         assert!(!eps[0].is_ejected(later + 2 * BASE_EJECTION + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn retries_avoid_the_endpoint_that_failed() {
+        let eps = endpoints(2);
+        let now = Instant::now();
+        for r in 0..20 {
+            assert_eq!(
+                pick_avoiding(&eps, now, (r, r * 3), Some(&eps[0]))
+                    .unwrap()
+                    .addr,
+                eps[1].addr
+            );
+        }
+        // With one endpoint there is nothing else to try.
+        assert_eq!(
+            pick_avoiding(&eps[..1], now, (0, 0), Some(&eps[0]))
+                .unwrap()
+                .addr,
+            eps[0].addr
+        );
     }
 
     #[test]

@@ -27,6 +27,13 @@ use crate::headers::{self, CALLER_HEADER};
 use crate::metrics::{DirectionLabels, RequestLabels};
 use crate::respond;
 
+/// An authenticated caller and whether it used mTLS (its X.509-SVID) to do so.
+#[derive(Debug, Clone)]
+struct Caller {
+    id: SpiffeId,
+    mtls: bool,
+}
+
 /// How a workload connection authenticated.
 #[derive(Debug, Clone)]
 enum Auth {
@@ -95,8 +102,14 @@ pub(crate) async fn serve_tls(
 pub(crate) async fn serve_local(shared: Arc<Shared>, listener: TcpListener) {
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     loop {
-        let Ok((tcp, remote)) = listener.accept().await else {
-            continue;
+        let (tcp, remote) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "local workload accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         if !remote.ip().is_loopback() {
             continue;
@@ -128,14 +141,27 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(shared.limits.max_concurrent_streams)
         .max_pending_accept_reset_streams(shared.limits.max_pending_resets)
-        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(shared.limits.idle_timeout / 2)
+        .keep_alive_timeout(shared.limits.header_read_timeout);
+    // A connection without a client certificate can only ever be told 401: it gets one
+    // header-read timeout to hear it, then it is closed, so it cannot hold a permit.
+    let deadline = match auth {
+        Auth::None => shared.limits.header_read_timeout,
+        _ => std::time::Duration::MAX,
+    };
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let auth = auth.clone();
         async move { Ok::<_, Infallible>(handle(&shared, req, &auth).await) }
     });
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
-        tracing::debug!(peer = %remote, error = %e, "workload connection ended with an error");
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    match tokio::time::timeout(deadline, conn).await {
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %remote, error = %e, "workload connection ended with an error")
+        }
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!(peer = %remote, "unauthenticated connection closed"),
     }
 }
 
@@ -195,6 +221,12 @@ async fn route(
             labels,
         );
     }
+    if let Err(e) = headers::check_values(&parts.headers) {
+        return (
+            respond::error(StatusCode::BAD_REQUEST, &format!("meshgate: {e}")),
+            labels,
+        );
+    }
     let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
         parts
             .headers
@@ -230,7 +262,11 @@ async fn route(
 
     // 1. The caller.
     let caller = match authenticate(shared, auth, bearer.as_deref(), now) {
-        Ok(caller) => caller,
+        // Only a caller that presented its X.509-SVID counts as mTLS for policies.
+        Ok(id) => Caller {
+            id,
+            mtls: matches!(auth, Auth::Svid(_)),
+        },
         Err(reason) => {
             labels.decision = "unauthenticated";
             let enforced = shared.enforcer.refuse(&facts, &meta, reason.clone()).await;
@@ -246,8 +282,9 @@ async fn route(
             return (resp, labels);
         }
     };
-    facts.caller = caller.to_string();
-    labels.source = caller.trust_domain().to_string();
+    facts.caller = caller.id.to_string();
+    facts.mtls = caller.mtls;
+    labels.source = caller.id.trust_domain().to_string();
     if bearer.is_some() && matches!(auth, Auth::BearerRequired) {
         parts.headers.remove(http::header::AUTHORIZATION);
     }
@@ -343,11 +380,13 @@ async fn route(
     }
     labels.decision = "error";
     labels.status = 503;
+    let reason = format!("no reachable gateway for `{dest}`: {last_error}");
+    let enforced = shared.enforcer.fail(&facts, &meta, reason.clone()).await;
     let mut resp = respond::error(
         StatusCode::SERVICE_UNAVAILABLE,
-        &format!("meshgate: no reachable gateway for `{dest}`: {last_error}"),
+        &format!("meshgate: {reason}"),
     );
-    respond::set_decision_id(&mut resp, &meta.request_id);
+    respond::set_decision_id(&mut resp, &enforced.decision_id);
     (resp, labels)
 }
 
@@ -386,7 +425,7 @@ fn authenticate(
 /// A destination served by this cluster: enforce here, forward to the upstream.
 async fn local(
     shared: &Shared,
-    caller: &SpiffeId,
+    caller: &Caller,
     dest: &Destination,
     meta: &RequestMeta,
     parts: &mut http::request::Parts,
@@ -396,17 +435,17 @@ async fn local(
     let service = dest.in_cluster(&shared.cluster);
     let mut facts = shared.facts(
         parts,
-        caller.as_str(),
+        caller.id.as_str(),
         &service,
         shared.cluster.clone(),
         now,
     );
-    facts.mtls = true;
+    facts.mtls = caller.mtls;
     let enforced = shared.enforcer.enforce(&facts, meta).await;
     let mut response = match (&enforced.verdict, shared.upstreams.get(&dest.short())) {
         (Verdict::Allow, Some(upstream)) => {
             crate::enforce::use_normalized_path(parts, &enforced.normalized_path);
-            if let Ok(v) = HeaderValue::from_str(caller.as_str()) {
+            if let Ok(v) = HeaderValue::from_str(caller.id.as_str()) {
                 parts.headers.insert(CALLER_HEADER, v);
             }
             if parts.method == Method::CONNECT {
@@ -445,7 +484,7 @@ type Retry = (String, Option<GatewayBody>);
 /// tunnel. Connection failures hand the body back so the next cluster can be tried.
 async fn remote(
     shared: &Shared,
-    caller: &SpiffeId,
+    caller: &Caller,
     dest: &Destination,
     peer: &PeerRoute,
     parts: &http::request::Parts,
@@ -453,14 +492,10 @@ async fn remote(
     now: SystemTime,
 ) -> Result<Response<GatewayBody>, Retry> {
     let aud = caller::audience(&peer.trust_domain, &dest.namespace, &dest.service);
-    let token = match shared.tokens.token(caller, &aud, now) {
+    let token = match shared.tokens.token(&caller.id, &aud, caller.mtls, now) {
         Ok(t) => t,
-        Err(e) => {
-            return Ok(respond::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("meshgate: cannot mint caller token: {e}"),
-            ));
-        }
+        // Recorded by the caller of `remote` when no other route works.
+        Err(e) => return Err((format!("cannot mint the caller token: {e}"), Some(body))),
     };
     let authority = dest.in_cluster(&peer.cluster);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());

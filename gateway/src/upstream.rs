@@ -202,14 +202,16 @@ impl UpstreamService {
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
         let mut attempt = 0u32;
+        let mut failed: Option<&Endpoint> = None;
         loop {
-            let endpoint = lb::pick(
+            let endpoint = lb::pick_avoiding(
                 &self.endpoints,
                 Instant::now(),
                 (
                     rand::random::<u32>() as usize,
                     rand::random::<u32>() as usize,
                 ),
+                failed,
             )
             .ok_or(UpstreamError::NoEndpoints)?;
             let body = body.take().unwrap_or_else(crate::body::empty);
@@ -246,6 +248,7 @@ impl UpstreamService {
                 return outcome;
             }
             tracing::debug!(service = %self.name, endpoint = %endpoint.addr, attempt, "retrying upstream request");
+            failed = Some(endpoint);
         }
     }
 

@@ -51,6 +51,13 @@ pub enum IssuerError {
         /// The refused ID.
         id: String,
     },
+    /// The ID is reserved for the trust domain's gateway; no workload may be registered
+    /// under it.
+    #[error("SPIFFE ID `{id}` is reserved for the gateway and cannot be registered")]
+    ReservedId {
+        /// The refused ID.
+        id: String,
+    },
     /// A TTL out of range.
     #[error("TTL {reason}")]
     BadTtl {

@@ -331,6 +331,9 @@ impl Issuer {
                     let old = store::u64_value(old.map(sled::IVec::from));
                     Some(old.max(secs).to_be_bytes().to_vec())
                 })?;
+            // Pruning reads this after a restart: a lost update would drop a root that still
+            // verifies live SVIDs. It changes rarely (only when the maximum moves).
+            self.trees.meta.flush()?;
         }
         Ok(())
     }
@@ -343,11 +346,24 @@ impl Issuer {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<JwtSvid, IssuerError> {
+        self.mint_jwt_svid_amr(id, audience, &[], ttl, now)
+    }
+
+    /// Mints a JWT-SVID that also says how the subject authenticated (`amr`, RFC 8176):
+    /// the gateway uses it to carry "this caller used mTLS" across the tunnel, signed.
+    pub fn mint_jwt_svid_amr(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        amr: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<JwtSvid, IssuerError> {
         self.check_id(id)?;
         check_ttl(ttl, MAX_JWT_TTL)?;
         let roots = self.read();
         let root = roots.active()?;
-        let svid = jwt::mint(&root.jwt_key, &root.kid, id, audience, ttl, now)?;
+        let svid = jwt::mint(&root.jwt_key, &root.kid, id, audience, amr, ttl, now)?;
         self.note_expiry(root, svid.expiry)?;
         Ok(svid)
     }

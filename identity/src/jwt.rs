@@ -102,6 +102,10 @@ pub struct JwtSvidClaims {
     pub exp: SystemTime,
     /// `iat`.
     pub iat: SystemTime,
+    /// `amr` (RFC 8176): how the subject authenticated to the issuer's gateway, e.g.
+    /// `["x509"]` for mTLS with an X.509-SVID, `["jwt"]` for a bearer JWT-SVID. Empty when
+    /// the token carries none (treat as "unknown", never as mTLS).
+    pub amr: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -110,6 +114,8 @@ struct OutClaims<'a> {
     aud: &'a [String],
     exp: u64,
     iat: u64,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    amr: &'a [String],
 }
 
 #[derive(Deserialize)]
@@ -118,6 +124,8 @@ struct InClaims {
     aud: Option<Value>,
     exp: Option<u64>,
     iat: Option<u64>,
+    #[serde(default)]
+    amr: Option<Value>,
 }
 
 /// Signs a JWT-SVID with an ES256 key (PKCS#8 DER) whose key ID is `kid`.
@@ -126,6 +134,7 @@ pub(crate) fn mint(
     kid: &str,
     id: &SpiffeId,
     audience: &[String],
+    amr: &[String],
     ttl: Duration,
     now: SystemTime,
 ) -> Result<JwtSvid, JwtSvidError> {
@@ -144,6 +153,7 @@ pub(crate) fn mint(
         aud: audience,
         exp,
         iat,
+        amr,
     };
     let token = jsonwebtoken::encode(&header, &claims, key).map_err(|e| JwtSvidError::Mint {
         reason: e.to_string(),
@@ -271,10 +281,23 @@ pub fn verify_jwt_svid(
             expected: expected_audience.to_owned(),
         });
     }
+    // `amr` is optional; when present it must be an array of strings.
+    let amr = match claims.amr {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(values)) => values
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(JwtSvidError::BadClaim { claim: "amr" }),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(JwtSvidError::BadClaim { claim: "amr" }),
+    };
     Ok(JwtSvidClaims {
         sub,
         aud,
         exp: from_unix_secs(exp),
         iat: from_unix_secs(iat),
+        amr,
     })
 }

@@ -81,6 +81,11 @@ impl Issuer {
         now: SystemTime,
     ) -> Result<RegistrationEntry, IssuerError> {
         self.check_id(id)?;
+        // Only the gateway process holds the gateway identity (it issues it to itself);
+        // registering it would let a workload pose as the gateway and the issuer.
+        if *id == SpiffeId::gateway(id.trust_domain()) {
+            return Err(IssuerError::ReservedId { id: id.to_string() });
+        }
         let ttl = ttl.unwrap_or(DEFAULT_X509_TTL);
         if ttl < Duration::from_secs(1) || ttl > MAX_X509_TTL {
             return Err(IssuerError::BadTtl {

@@ -139,13 +139,15 @@ fn check_leaf(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     {
         return Err(SvidError::CaLeaf);
     }
-    if let Some(ku) = cert.key_usage().map_err(malformed)? {
-        if ku.value.key_cert_sign() || ku.value.crl_sign() {
-            return Err(SvidError::SigningLeaf);
-        }
-        if !ku.value.digital_signature() {
-            return Err(SvidError::NoDigitalSignature);
-        }
+    // The X.509-SVID standard requires key usage with digitalSignature on every leaf.
+    let Some(ku) = cert.key_usage().map_err(malformed)? else {
+        return Err(SvidError::NoDigitalSignature);
+    };
+    if ku.value.key_cert_sign() || ku.value.crl_sign() {
+        return Err(SvidError::SigningLeaf);
+    }
+    if !ku.value.digital_signature() {
+        return Err(SvidError::NoDigitalSignature);
     }
     Ok(id)
 }

@@ -41,6 +41,12 @@ fn entries_are_stored_listed_and_deleted() {
         ca.issuer.create_entry(&web(), None, &[], now),
         Err(IssuerError::EntryExists { .. })
     ));
+    // The gateway identity can never be registered (so never attested by a workload).
+    let gateway = meshgate_identity::SpiffeId::gateway(web().trust_domain());
+    assert!(matches!(
+        ca.issuer.create_entry(&gateway, None, &[], now),
+        Err(IssuerError::ReservedId { .. })
+    ));
     assert!(matches!(
         ca.issuer
             .create_entry(&id("spiffe://west.example/x"), None, &[], now),

@@ -372,6 +372,11 @@ async fn malformed_leaves_are_rejected() {
     .await
     .unwrap_err();
     assert!(e.contains("SigningLeaf"), "{e}");
+    // No key usage extension at all: the X.509-SVID standard requires digitalSignature.
+    let e = client_sees(&ca, crafted(&ca, |p| p.key_usages.clear()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("NoDigitalSignature"), "{e}");
     let e = client_sees(
         &ca,
         crafted(&ca, |p| {

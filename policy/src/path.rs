@@ -9,7 +9,9 @@
 //!
 //! Refused (the request is denied with an error, fail closed): an encoded slash or
 //! backslash (`%2F`, `%5C`) — upstreams disagree on whether it separates segments, so no
-//! `like "/admin/*"` rule could be trusted; a literal backslash; an encoded or literal NUL
+//! `like "/admin/*"` rule could be trusted; a `;` (literal or `%3B`): Java servlet
+//! containers and others strip `;params` from segments, so `/admin;x/secret` would reach
+//! `/admin/secret` past the rule; a literal backslash; an encoded or literal NUL
 //! or other control character; a malformed percent-encoding; a path that does not start
 //! with `/` (except `*` for `OPTIONS *`); a path longer than [`MAX_PATH_LEN`].
 //!
@@ -39,6 +41,9 @@ pub enum PathError {
     /// A literal backslash, NUL or other control character.
     #[error("forbidden character in path `{0}`")]
     ForbiddenChar(String),
+    /// A `;` (segment parameters), which some upstreams strip before routing.
+    #[error("`;` in path `{0}` is refused (upstreams strip segment parameters differently)")]
+    SegmentParameter(String),
 }
 
 /// Normalizes a request target's path (see the module docs). The query is dropped.
@@ -77,6 +82,7 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
             let decoded = hi * 16 + lo;
             match decoded {
                 b'/' | b'\\' => return Err(PathError::EncodedSeparator(shorten(path))),
+                b';' => return Err(PathError::SegmentParameter(shorten(path))),
                 0..=0x1f | 0x7f => return Err(PathError::ForbiddenChar(shorten(path))),
                 c if is_unreserved(c) => out.push(char::from(c)),
                 c => {
@@ -89,6 +95,9 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
         }
         if b == b'\\' || b < 0x20 || b == 0x7f {
             return Err(PathError::ForbiddenChar(shorten(path)));
+        }
+        if b == b';' {
+            return Err(PathError::SegmentParameter(shorten(path)));
         }
         // Copy one whole UTF-8 character (the input is a `str`, so boundaries are valid).
         let ch_len = utf8_len(b);
@@ -203,6 +212,19 @@ mod tests {
 
     #[test]
     fn dangerous_paths_are_refused() {
+        for p in [
+            "/admin;x/secret",
+            "/admin%3bx/secret",
+            "/admin%3B/secret",
+            "/a;",
+        ] {
+            assert!(
+                matches!(normalize_path(p), Err(PathError::SegmentParameter(_))),
+                "{p}"
+            );
+        }
+        // A `;` in the query is not part of the path.
+        assert_eq!(normalize_path("/a?x=1;2").unwrap(), "/a");
         assert!(matches!(
             normalize_path("/admin%2fx"),
             Err(PathError::EncodedSeparator(_))

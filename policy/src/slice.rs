@@ -12,6 +12,10 @@
 //! answers are combined with Cedar's own rule (any satisfied forbid denies; otherwise any
 //! satisfied permit allows; otherwise deny), so decisions, determining policies and errors
 //! are exactly those of the whole set. A test checks that equivalence on random requests.
+//!
+//! One deliberate difference from plain Cedar, which skips a policy whose condition fails
+//! to evaluate: a `forbid` that errors counts as satisfied (fail closed), so an overflow or
+//! a missing attribute in a forbid never lets a request through.
 
 use std::collections::HashMap;
 
@@ -25,6 +29,7 @@ use cedar_policy::{
 pub(crate) struct Sliced {
     generic: PolicySet,
     by_resource: HashMap<EntityUid, PolicySet>,
+    forbids: std::collections::HashSet<cedar_policy::PolicyId>,
 }
 
 /// What the sliced evaluation concluded, as Cedar would for the whole set.
@@ -42,6 +47,9 @@ impl Sliced {
     pub(crate) fn new(set: &PolicySet) -> Result<Sliced, Box<PolicySetError>> {
         let mut sliced = Sliced::default();
         for policy in set.policies() {
+            if policy.effect() == cedar_policy::Effect::Forbid {
+                sliced.forbids.insert(policy.id().clone());
+            }
             let target = match policy.resource_constraint() {
                 ResourceConstraint::Eq(uid) => sliced.by_resource.entry(uid).or_default(),
                 _ => &mut sliced.generic,
@@ -72,7 +80,13 @@ impl Sliced {
                 CedarDecision::Allow => permits.extend(reasons),
                 CedarDecision::Deny => forbids.extend(reasons),
             }
-            errors.extend(response.diagnostics().errors().map(ToString::to_string));
+            for error in response.diagnostics().errors() {
+                let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = error;
+                if self.forbids.contains(e.policy_id()) {
+                    forbids.push(e.policy_id().to_string());
+                }
+                errors.push(error.to_string());
+            }
         }
         errors.sort();
         let (allowed, mut reasons) = if forbids.is_empty() && !permits.is_empty() {
@@ -208,5 +222,36 @@ mod tests {
         // The slices really are smaller than the whole.
         assert_eq!(sliced.by_resource.len(), 3);
         assert!(sliced.generic.policies().count() < whole.policies().count());
+    }
+
+    #[test]
+    fn a_forbid_that_fails_to_evaluate_denies() {
+        let text = r#"
+            @id("allow-all") permit (principal, action, resource);
+            @id("broken-forbid") forbid (principal, action, resource) when { resource.nope == 1 };
+        "#;
+        let parsed = PolicySet::from_str(text).unwrap();
+        let mut set = PolicySet::new();
+        for p in parsed.policies() {
+            let id = p.annotation("id").unwrap().to_owned();
+            set.add(p.new_id(cedar_policy::PolicyId::new(id))).unwrap();
+        }
+        let sliced = Sliced::new(&set).unwrap();
+        let request = Request::new(
+            EntityUid::from_str(r#"Workload::"w1""#).unwrap(),
+            EntityUid::from_str(r#"Action::"GET""#).unwrap(),
+            EntityUid::from_str(r#"Service::"a.shop.west""#).unwrap(),
+            cedar_policy::Context::empty(),
+            None,
+        )
+        .unwrap();
+        let authorizer = Authorizer::new();
+        // Plain Cedar skips the broken forbid and allows; meshgate denies.
+        let plain = authorizer.is_authorized(&request, &set, &Entities::empty());
+        assert_eq!(plain.decision(), CedarDecision::Allow);
+        let answer = sliced.authorize(&authorizer, &request, &Entities::empty());
+        assert!(!answer.allowed);
+        assert_eq!(answer.reasons, vec!["broken-forbid".to_owned()]);
+        assert_eq!(answer.errors.len(), 1);
     }
 }

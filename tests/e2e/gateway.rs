@@ -26,6 +26,9 @@ permit (principal == Workload::"spiffe://east.example/ns/batch/sa/report", actio
 @id("tcp-echo")
 permit (principal in TrustDomain::"east.example", action == Action::"connect", resource == Service::"echo.shop.west");
 
+@id("mtls-only")
+permit (principal in TrustDomain::"east.example", action == Action::"GET", resource == Service::"vault.shop.west") when { context.mtls };
+
 @id("no-admin")
 forbid (principal, action, resource) when { context.path like "/admin/*" };
 "#;
@@ -47,6 +50,7 @@ pub async fn east_west() -> (Cluster, Cluster) {
             service("orders", "shop", orders, &["east"]),
             service("echo", "shop", echo, &["east"]),
             service("secret", "shop", orders, &[]),
+            service("vault", "shop", orders, &["east"]),
         ],
         default_quota: None,
     })
@@ -58,7 +62,10 @@ pub async fn east_west() -> (Cluster, Cluster) {
         default_quota: None,
     })
     .await;
-    west.link(&east, &["orders.shop", "echo.shop", "secret.shop"]);
+    west.link(
+        &east,
+        &["orders.shop", "echo.shop", "secret.shop", "vault.shop"],
+    );
     east.link(&west, &[]);
     (east, west)
 }

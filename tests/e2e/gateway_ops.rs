@@ -426,6 +426,41 @@ async fn loopback_listener_takes_jwt_svid_bearer_tokens() {
     assert!(!body.contains("authorization"), "{body}");
     let (status, body) = call(None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    // A bearer-token caller did not use mTLS, and the destination knows it (signed `amr`):
+    // a policy that requires `context.mtls` refuses it, and admits the same caller over mTLS.
+    let vault = east
+        .issuer
+        .mint_jwt_svid(
+            &web,
+            std::slice::from_ref(&gateway_aud),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/secret")
+        .header("host", "vault.shop.west.mesh")
+        .header("authorization", format!("Bearer {}", vault.token))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        sender.send_request(req).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let mtls_client = Client::new(&east, Some(&east.svid("/ns/shop/sa/web")), &[b"http/1.1"]);
+    assert_eq!(
+        mtls_client
+            .get("vault.shop.west.mesh", "/secret")
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
     let (status, body) = call(Some(other_aud.token)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("bearer token rejected"), "{body}");
@@ -456,4 +491,23 @@ async fn connection_limit_closes_extra_connections() {
         .await
         .unwrap();
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
+
+#[tokio::test]
+async fn header_values_policies_cannot_see_are_refused() {
+    let (east, west) = east_west().await;
+    // `\xff` is obs-text: hyper accepts it, Cedar could not see it as a string.
+    let mut request =
+        b"GET /v1/orders HTTP/1.1\r\nHost: orders.shop.west.mesh\r\nX-Admin-Override: 1".to_vec();
+    request.push(0xff);
+    request.extend_from_slice(b"\r\n\r\n");
+    let reply = raw_exchange(&east, &request).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("x-admin-override"), "{reply}");
+    assert!(
+        west.log
+            .query(&meshgate_policy::Filter::default())
+            .unwrap()
+            .is_empty()
+    );
 }

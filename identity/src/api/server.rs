@@ -194,12 +194,23 @@ fn issuer_error(e: &IssuerError) -> Response<Body> {
     error(status, e.to_string())
 }
 
+/// Time allowed for a whole request body.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn read_json<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Body>> {
-    let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-        .collect()
+    // A body must arrive whole within the deadline: a client dribbling bytes cannot hold a
+    // connection (and a connection permit) open.
+    let collect = Limited::new(req.into_body(), MAX_REQUEST_BYTES).collect();
+    let body = tokio::time::timeout(BODY_READ_TIMEOUT, collect)
         .await
+        .map_err(|_| {
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            )
+        })?
         .map_err(|_| {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
