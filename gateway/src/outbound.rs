@@ -521,18 +521,55 @@ async fn remote(
             ));
         }
     };
+    // A request that can be sent again (idempotent, no body) fails over to the next
+    // gateway when a peer breaks before answering; any other is tied to its first stream.
+    let resend = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) && hyper::body::Body::is_end_stream(&body);
+    let mut body = Some(body);
     let mut last = String::new();
     for gw in &peer.gateways {
-        match shared
+        let stream = match shared
             .tunnel
             .open_stream(*gw, &peer.trust_domain, request.clone())
             .await
         {
-            Ok(stream) => return Ok(exchange(stream, body, shared.limits.tunnel_timeout).await),
-            Err(e) => last = e.to_string(),
+            Ok(stream) => stream,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let sent = if resend {
+            body::empty()
+        } else {
+            body.take().unwrap_or_else(body::empty)
+        };
+        match exchange(stream, sent, shared.limits.tunnel_timeout).await {
+            Ok(response) => return Ok(response),
+            Err(Broken::Timeout(response)) => return Ok(response),
+            Err(Broken::BeforeAnswer(e)) if resend => {
+                tracing::warn!(peer = %gw, error = %e, "peer gateway failed before answering; failing over");
+                last = e;
+            }
+            Err(Broken::BeforeAnswer(e)) => {
+                return Ok(respond::error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("meshgate: peer gateway failed: {e}"),
+                ));
+            }
         }
     }
-    Err((last, Some(body)))
+    Err((last, body))
+}
+
+/// How a tunnel exchange broke before the peer's answer.
+enum Broken {
+    /// The stream or connection failed (e.g. the peer refused our certificate).
+    BeforeAnswer(String),
+    /// No answer in time: answered 504; never retried (the peer may have acted on it).
+    Timeout(Response<GatewayBody>),
 }
 
 /// Sends the request body on a tunnel stream and returns the streamed response.
@@ -540,7 +577,7 @@ async fn exchange(
     stream: crate::tunnel::ClientStream,
     body: GatewayBody,
     timeout: std::time::Duration,
-) -> Response<GatewayBody> {
+) -> Result<Response<GatewayBody>, Broken> {
     let (mut send, mut recv) = stream.split();
     tokio::spawn(async move {
         if let Err(e) = body::body_to_h3(body, &mut send).await {
@@ -549,25 +586,20 @@ async fn exchange(
     });
     let head = match tokio::time::timeout(timeout, recv.recv_response()).await {
         Ok(Ok(head)) => head,
-        Ok(Err(e)) => {
-            return respond::error(
-                StatusCode::BAD_GATEWAY,
-                &format!("meshgate: peer gateway failed: {e}"),
-            );
-        }
+        Ok(Err(e)) => return Err(Broken::BeforeAnswer(e.to_string())),
         Err(_) => {
             // Dropping the stream cancels it. (h3-quinn 0.0.10 panics on `stop_sending`
             // after a read was cut short, so it is not called here.)
-            return respond::error(
+            return Err(Broken::Timeout(respond::error(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!("meshgate: no answer from the peer gateway within {timeout:?}"),
-            );
+            )));
         }
     };
     let (tx, resp_body) = body::channel();
     tokio::spawn(body::h3_to_channel(recv, tx));
     let (parts, ()) = head.into_parts();
-    Response::from_parts(parts, resp_body)
+    Ok(Response::from_parts(parts, resp_body))
 }
 
 /// For an allowed `CONNECT`: answer 200 to the workload, then relay its upgraded connection:

@@ -20,6 +20,8 @@ use crate::metrics::Metrics;
 const PLACEHOLDER_SERVER_NAME: &str = "gateway.meshgate.invalid";
 /// Time allowed for a QUIC + TLS handshake with a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed dial, calls to that address fail at once for this long.
+const DIAL_BACKOFF: Duration = Duration::from_secs(2);
 /// Keep-alives keep NAT bindings and detect dead peers.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
@@ -72,6 +74,9 @@ pub struct Tunnel {
     client_tls: ClientTlsFactory,
     max_streams: u32,
     links: Mutex<HashMap<(SocketAddr, TrustDomain), LinkSlot>>,
+    /// When a dial to an address last failed: calls fail fast (and fail over) instead of
+    /// each waiting out a handshake timeout against a dead peer.
+    unreachable: Mutex<HashMap<SocketAddr, std::time::Instant>>,
     /// Every open connection, dialed or accepted, with the peer's trust domain.
     open: Arc<Mutex<OpenConnections>>,
     metrics: Arc<Metrics>,
@@ -106,6 +111,7 @@ impl Tunnel {
             client_tls,
             max_streams,
             links: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
             open: Arc::new(Mutex::new(HashMap::new())),
             metrics,
         })
@@ -128,6 +134,18 @@ impl Tunnel {
         td: &TrustDomain,
         request: http::Request<()>,
     ) -> Result<ClientStream, TunnelError> {
+        self.open(addr, td, request, false).await
+    }
+
+    /// `probe`: control traffic (federation sync) always dials, and does not mark the peer
+    /// unreachable for data traffic when it fails; it clears the mark when it succeeds.
+    async fn open(
+        &self,
+        addr: SocketAddr,
+        td: &TrustDomain,
+        request: http::Request<()>,
+        probe: bool,
+    ) -> Result<ClientStream, TunnelError> {
         let slot = {
             let mut links = self.links.lock().map_err(|_| poisoned(addr))?;
             links.entry((addr, td.clone())).or_default().clone()
@@ -138,7 +156,23 @@ impl Tunnel {
                 .as_ref()
                 .is_some_and(|l| l.conn.close_reason().is_none());
             if !reusable {
-                *link = Some(self.dial(addr, td).await?);
+                if !probe {
+                    self.check_reachable(addr)?;
+                }
+                match self.dial(addr, td).await {
+                    Ok(l) => {
+                        if let Ok(mut u) = self.unreachable.lock() {
+                            u.remove(&addr);
+                        }
+                        *link = Some(l);
+                    }
+                    Err(e) => {
+                        if !probe && let Ok(mut u) = self.unreachable.lock() {
+                            u.insert(addr, std::time::Instant::now());
+                        }
+                        return Err(e);
+                    }
+                }
             }
             let Some(l) = link.as_mut() else { continue };
             match l.send.send_request(request.clone()).await {
@@ -159,6 +193,22 @@ impl Tunnel {
             addr,
             reason: "no usable connection".to_owned(),
         })
+    }
+
+    fn check_reachable(&self, addr: SocketAddr) -> Result<(), TunnelError> {
+        let recent = self
+            .unreachable
+            .lock()
+            .ok()
+            .and_then(|u| u.get(&addr).copied())
+            .is_some_and(|t| t.elapsed() < DIAL_BACKOFF);
+        if recent {
+            return Err(TunnelError::Connect {
+                addr,
+                reason: format!("unreachable within the last {DIAL_BACKOFF:?}"),
+            });
+        }
+        Ok(())
     }
 
     async fn dial(&self, addr: SocketAddr, td: &TrustDomain) -> Result<PeerLink, TunnelError> {
@@ -331,10 +381,22 @@ impl ControlClient {
                 reason: format!("`{}` is not a control path", request.uri().path()),
             });
         }
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // HTTP/3 needs a full URI; a path-only one would make h3 fail the whole connection.
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        parts.uri = format!("https://{td}{path}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| TunnelError::H3 {
+                addr,
+                reason: e.to_string(),
+            })?;
         let stream = self
             .tunnel
-            .open_stream(addr, td, http::Request::from_parts(parts, ()))
+            .open(addr, td, http::Request::from_parts(parts, ()), true)
             .await?;
         let (mut send, mut recv) = stream.split();
         let h3 = |e: h3::error::StreamError| TunnelError::H3 {

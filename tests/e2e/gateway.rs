@@ -415,3 +415,39 @@ async fn curl_calls_through_both_styles() {
     assert_eq!(json["caller"], "spiffe://east.example/ns/shop/sa/web");
     assert_eq!(json["path"], "/v1/orders/42");
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_trusting_us_is_failed_over() {
+    let (east, west) = east_west().await;
+    let north = Cluster::start(Spec {
+        name: "north",
+        policies: r#"@id("east-reads") permit (principal in TrustDomain::"east.example", action in Action::"read", resource == Service::"orders.shop.north");"#,
+        services: vec![service("orders", "shop", echo_upstream().await, &["east"])],
+        default_quota: None,
+    })
+    .await;
+    north.link(&east, &["orders.shop"]);
+    east.link(&north, &[]);
+    let client = web_client(&east);
+    let first = client.get("orders.shop.mesh", "/v1/orders").await.unwrap();
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(
+        crate::support::find_record(&west.log, &first.decision_id()).is_some(),
+        "west is preferred"
+    );
+    // West drops east's bundle (its side of the link is gone): east's certificate is now
+    // refused there, after east's own handshake completed. GETs fail over to north.
+    west.bundles.remove(&east.td);
+    west.gateway.disconnect_trust_domain(&east.td);
+    for i in 0..5 {
+        let reply = client
+            .get("orders.shop.mesh", &format!("/v1/orders/{i}"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "call {i}: {}", reply.text());
+        assert!(
+            crate::support::find_record(&north.log, &reply.decision_id()).is_some(),
+            "call {i} served by north"
+        );
+    }
+}

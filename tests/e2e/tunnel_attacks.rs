@@ -206,3 +206,54 @@ async fn forged_and_misdirected_caller_tokens_are_refused() {
         .count();
     assert!(denies >= 6, "{denies} deny records");
 }
+
+#[tokio::test]
+async fn control_requests_share_the_tunnel_without_breaking_it() {
+    let (east, west) = east_west().await;
+    let control = east.gateway.control_client();
+    let addr = west.gateway.addrs().tunnel;
+    // A path-only URI is completed by the client (h3 would otherwise fail the connection).
+    let reply = control
+        .send(
+            addr,
+            &west.td,
+            http::Request::get("/.meshgate/v1/anything")
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.status(),
+        http::StatusCode::NOT_FOUND,
+        "these test clusters have no control handler"
+    );
+    // Non-control paths are refused before anything is sent.
+    assert!(
+        control
+            .send(
+                addr,
+                &west.td,
+                http::Request::get("/v1/orders").body(Bytes::new()).unwrap()
+            )
+            .await
+            .is_err()
+    );
+    // Data calls still flow on the same connection.
+    let client =
+        crate::support::Client::new(&east, Some(&east.svid("/ns/shop/sa/web")), &[b"http/1.1"]);
+    assert_eq!(
+        client
+            .get("orders.shop.west.mesh", "/v1/orders")
+            .await
+            .unwrap()
+            .status,
+        http::StatusCode::OK
+    );
+    assert!(
+        east.gateway
+            .metrics()
+            .encode()
+            .contains("meshgate_quic_connections 1")
+    );
+}
