@@ -2,7 +2,9 @@
 
 mod admin;
 mod cli;
+mod demo;
 mod exit;
+mod runtime;
 mod state;
 
 use std::process::ExitCode;

@@ -1,9 +1,9 @@
 //! The `meshgate` command line: one subcommand module per area.
 
-mod audit;
-mod federation;
-mod federation_wiring;
-mod gateway;
+pub(crate) mod audit;
+pub(crate) mod federation;
+pub(crate) mod federation_wiring;
+pub(crate) mod gateway;
 mod identity;
 mod policy;
 
@@ -32,6 +32,8 @@ enum Command {
     /// Cedar policies: validate, check, test, replay.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Start a three-cluster mesh on 127.0.0.1 and show what it does.
+    Demo(crate::demo::DemoArgs),
     /// Run a cluster's gateway (issuer API, tunnel, enforcement, decision log).
     Gateway(gateway::GatewayArgs),
     /// The tamper-evident decision log: query, verify, export.
@@ -49,6 +51,7 @@ impl Cli {
             Command::Policy(cmd) => cmd.run(),
             Command::Audit(cmd) => cmd.run(),
             Command::Gateway(cmd) => cmd.run(),
+            Command::Demo(cmd) => cmd.run(),
             Command::Federation(cmd) => cmd.run(),
         }
     }

@@ -1,0 +1,237 @@
+//! One cluster's runtime: everything `meshgate gateway` runs, built from a config — the
+//! state, issuer, policy engine, decision log, federation, gateway, issuer API, admin socket,
+//! mesh DNS and periodic checkpoints. `meshgate gateway` runs one; `meshgate demo` runs three
+//! in one process.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshgate_federation::{Federation, MeshDns};
+use meshgate_gateway::{BoundAddrs, Gateway, GatewayConfig, GatewayParts};
+use meshgate_identity::{BundleSet, Issuer, SpiffeId, SvidCertResolver};
+use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter, QuotaSpec};
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminContext, AdminServer, Registry};
+use crate::cli::audit::checkpoint_signer;
+use crate::cli::federation_wiring::{self, FederatedCatalog};
+use crate::exit::{CliError, CliResult, ResultExt};
+use crate::state::State;
+
+/// How often a running gateway signs a checkpoint of its decision log.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
+/// A cluster opened from its config, not yet serving (`meshgate gateway --check` stops here).
+pub struct Prepared {
+    config: GatewayConfig,
+    _state: State,
+    admin_socket: std::path::PathBuf,
+    pub issuer: Arc<Issuer>,
+    pub policy: Arc<PolicyEngine>,
+    pub log: Arc<DecisionLog>,
+    pub federation: Arc<Federation>,
+    bundles: BundleSet,
+    default_quota: Option<QuotaSpec>,
+}
+
+/// A serving cluster.
+pub struct Running {
+    pub gateway: Gateway,
+    pub issuer: Arc<Issuer>,
+    pub log: Arc<DecisionLog>,
+    pub federation: Arc<Federation>,
+    pub config: GatewayConfig,
+    admin: AdminServer,
+    mesh_dns: Option<MeshDns>,
+    issuer_api: Option<std::net::SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
+    checkpoints: JoinHandle<()>,
+}
+
+impl Prepared {
+    /// Opens the state the config names and loads policies; refuses bad input clearly.
+    pub fn open(config: GatewayConfig) -> CliResult<Prepared> {
+        let state = State::open(&config.state_dir).internal_err()?;
+        let issuer = Arc::new(
+            Issuer::open(state.db(), &state.keys_dir()).internal_ctx(|| {
+                format!("cannot open the issuer in `{}`", config.state_dir.display())
+            })?,
+        );
+        let mut policy = PolicyEngine::load(&config.policy.dir, config.policy.schema.as_deref())
+            .map_err(|e| CliError::input(anyhow::anyhow!("{e}")))?;
+        if let Some(shadow) = &config.policy.shadow_dir {
+            policy = policy
+                .with_shadow(shadow)
+                .map_err(|e| CliError::input(anyhow::anyhow!("shadow policies: {e}")))?;
+        }
+        let default_quota = match &config.policy.default_quota {
+            Some(q) => Some(
+                q.parse()
+                    .input_ctx(|| format!("`policy.default_quota = \"{q}\"`"))?,
+            ),
+            None => None,
+        };
+        let signer = checkpoint_signer(&state).internal_err()?;
+        let log = Arc::new(DecisionLog::open(state.db(), Some(signer)).internal_err()?);
+        let bundles = BundleSet::new();
+        let links = federation_wiring::links_from_config(&config)?;
+        let federation =
+            federation_wiring::open(state.db(), &config, &issuer, &log, &bundles, &links)?;
+        Ok(Prepared {
+            admin_socket: state.admin_socket(),
+            _state: state,
+            config,
+            issuer,
+            policy: Arc::new(policy),
+            log,
+            federation,
+            bundles,
+            default_quota,
+        })
+    }
+
+    /// The effective config.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// Binds every listener and starts serving.
+    pub async fn start(self) -> CliResult<Running> {
+        let Prepared {
+            config,
+            _state,
+            admin_socket,
+            issuer,
+            policy,
+            log,
+            federation,
+            bundles,
+            default_quota,
+        } = self;
+        let mut registry = Registry::new();
+        admin::builtin(
+            &mut registry,
+            &AdminContext {
+                issuer: issuer.clone(),
+                log: log.clone(),
+                policy: policy.clone(),
+            },
+        );
+        crate::cli::federation::register_admin(&mut registry, &federation);
+        let gateway = Gateway::start(GatewayParts {
+            config: config.clone(),
+            issuer: issuer.clone(),
+            bundles,
+            policy: policy.clone(),
+            quotas: QuotaLimiter::new(default_quota, 1_000_000),
+            log: log.clone(),
+            catalog: Arc::new(FederatedCatalog(federation.clone())),
+            control: Some(Arc::new(FederatedCatalog(federation.clone()))),
+        })
+        .await
+        .map_err(|e| CliError::internal(anyhow::anyhow!(e)))?;
+        let mesh_dns = federation_wiring::start(&federation, &gateway, &config).await?;
+        let admin = AdminServer::bind(&admin_socket, registry, log.clone())
+            .await
+            .internal_err()?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let issuer_api = match config.listeners.issuer {
+            Some(addr) => Some(serve_issuer(&issuer, &config, addr, stop_rx).await?),
+            None => None,
+        };
+        let checkpoint_log = log.clone();
+        let checkpoints = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = checkpoint_log.checkpoint(SystemTime::now()) {
+                    tracing::error!(error = %e, "cannot sign a decision-log checkpoint");
+                }
+            }
+        });
+        Ok(Running {
+            gateway,
+            issuer,
+            log,
+            federation,
+            config,
+            admin,
+            mesh_dns,
+            issuer_api,
+            stop,
+            checkpoints,
+        })
+    }
+}
+
+async fn serve_issuer(
+    issuer: &Arc<Issuer>,
+    config: &GatewayConfig,
+    addr: std::net::SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> CliResult<std::net::SocketAddr> {
+    let svid = issuer
+        .issue_x509_svid(
+            &SpiffeId::gateway(issuer.trust_domain()),
+            Duration::from_secs(24 * 3600),
+            &config.listeners.dns_names,
+            &config.listeners.ip_addrs,
+            SystemTime::now(),
+        )
+        .internal_err()?;
+    let resolver = Arc::new(SvidCertResolver::new(&svid).internal_err()?);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .internal_ctx(|| format!("cannot listen on `{addr}` (issuer)"))?;
+    let bound = listener.local_addr().internal_err()?;
+    tokio::spawn(meshgate_identity::serve_issuer_api(
+        listener,
+        issuer.clone(),
+        resolver,
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    ));
+    Ok(bound)
+}
+
+impl Running {
+    /// Where the gateway listens.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.gateway.addrs()
+    }
+
+    /// The lines `meshgate gateway` prints at start.
+    pub fn describe(&self) -> String {
+        let addrs = self.addrs();
+        let mut out = format!("gateway {} listening\n", self.gateway.id());
+        out += &format!("  workload (mTLS)   https://{}\n", addrs.workload);
+        if let Some(local) = addrs.workload_local {
+            out += &format!("  workload (local)  http://{local}\n");
+        }
+        out += &format!("  tunnel (QUIC)     {}\n", addrs.tunnel);
+        out += &format!("  admin             http://{}/metrics\n", addrs.admin);
+        if let Some(dns) = &self.mesh_dns {
+            out += &format!("  mesh DNS          {} (udp, tcp)\n", dns.local_addr());
+        }
+        out += &format!("  admin socket      {}\n", self.admin.path().display());
+        if let Some(api) = self.issuer_api {
+            out += &format!("  issuer API        https://{api}\n");
+        }
+        out
+    }
+
+    /// Graceful shutdown: stop the issuer API, the admin socket and checkpoints, then drain
+    /// the gateway.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.checkpoints.abort();
+        self.admin.shutdown().await;
+        self.gateway.shutdown().await;
+        // A final signed checkpoint, so the log's last head is witnessed at shutdown.
+        if let Err(e) = self.log.checkpoint(SystemTime::now()) {
+            tracing::warn!(error = %e, "cannot sign the final checkpoint");
+        }
+    }
+}
