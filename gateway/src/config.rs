@@ -152,9 +152,14 @@ pub struct Limits {
     /// Time allowed to send a complete request head (slowloris).
     #[serde(deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
-    /// Idle connections are closed after this long.
+    /// Idle workload connections are closed after this long.
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// A peer gateway that answers nothing (not even keep-alives, sent every quarter of
+    /// this) for this long is declared dead: its connection closes, requests on it fail at
+    /// once and fail over, instead of waiting out their timeouts.
+    #[serde(deserialize_with = "de_duration")]
+    pub peer_dead_after: Duration,
     /// Concurrent workload connections per listener.
     pub max_connections: usize,
     /// Concurrent streams per HTTP/2 connection and per peer QUIC connection.
@@ -176,6 +181,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            peer_dead_after: Duration::from_secs(8),
             max_connections: 10_000,
             max_concurrent_streams: 1024,
             max_pending_resets: 20,

@@ -220,7 +220,7 @@ impl Gateway {
                     .map_err(|e| e.to_string())
             }),
             config.limits.max_concurrent_streams,
-            config.limits.idle_timeout,
+            config.limits.peer_dead_after,
             metrics.clone(),
         )
         .map_err(|source| GatewayError::Bind {

@@ -22,8 +22,6 @@ const PLACEHOLDER_SERVER_NAME: &str = "gateway.meshgate.invalid";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed dial, calls to that address fail at once for this long.
 const DIAL_BACKOFF: Duration = Duration::from_secs(2);
-/// Keep-alives keep NAT bindings and detect dead peers.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// h3 request sender over one peer connection.
 pub(crate) type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -73,6 +71,7 @@ pub struct Tunnel {
     endpoint: quinn::Endpoint,
     client_tls: ClientTlsFactory,
     max_streams: u32,
+    dead_after: Duration,
     links: Mutex<HashMap<(SocketAddr, TrustDomain), LinkSlot>>,
     /// When a dial to an address last failed: calls fail fast (and fail over) instead of
     /// each waiting out a handshake timeout against a dead peer.
@@ -98,18 +97,19 @@ impl Tunnel {
         server_tls: rustls::ServerConfig,
         client_tls: ClientTlsFactory,
         max_streams: u32,
-        idle_timeout: Duration,
+        dead_after: Duration,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let crypto = QuicServerConfig::try_from(server_tls)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport(max_streams, idle_timeout));
+        server.transport_config(transport(max_streams, dead_after));
         let endpoint = quinn::Endpoint::server(server, addr)?;
         Ok(Self {
             endpoint,
             client_tls,
             max_streams,
+            dead_after,
             links: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
             open: Arc::new(Mutex::new(HashMap::new())),
@@ -216,7 +216,7 @@ impl Tunnel {
         let crypto = QuicClientConfig::try_from(tls)
             .map_err(|e| TunnelError::Tls(td.clone(), e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport(self.max_streams, Duration::from_secs(30)));
+        config.transport_config(transport(self.max_streams, self.dead_after));
         let connecting = self
             .endpoint
             .connect_with(config, addr, PLACEHOLDER_SERVER_NAME)
@@ -311,12 +311,14 @@ fn poisoned(addr: SocketAddr) -> TunnelError {
     }
 }
 
-fn transport(max_streams: u32, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+/// QUIC settings: keep-alives every quarter of `dead_after` keep NAT bindings open and let
+/// a silent peer be declared dead after `dead_after` (the negotiated idle timeout).
+fn transport(max_streams: u32, dead_after: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(max_streams.into());
     t.max_concurrent_uni_streams(16u32.into());
-    t.keep_alive_interval(Some(KEEP_ALIVE));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
+    t.keep_alive_interval(Some(dead_after / 4));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(dead_after) {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)

@@ -301,8 +301,30 @@ impl Client {
         svid: Option<&X509Svid>,
         alpn: &[&[u8]],
     ) -> Client {
+        Client::with_roots(issuer.bundle().x509_roots(), addr, svid, alpn)
+    }
+
+    /// A client from files as `meshgate identity issue` writes them (`svid.pem`, `key.pem`,
+    /// `bundle.pem`), for gateways running as processes.
+    pub fn from_files(dir: &std::path::Path, addr: SocketAddr) -> Client {
+        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+        let svid = X509Svid::from_pem(&read("svid.pem"), Some(&read("key.pem"))).unwrap();
+        let bundle = meshgate_identity::TrustBundle::from_pem(
+            &read("bundle.pem"),
+            "east.example".parse().unwrap(),
+        )
+        .unwrap();
+        Client::with_roots(bundle.x509_roots(), addr, Some(&svid), &[b"http/1.1"])
+    }
+
+    fn with_roots(
+        roots_der: &[rustls_pki_types::CertificateDer<'static>],
+        addr: SocketAddr,
+        svid: Option<&X509Svid>,
+        alpn: &[&[u8]],
+    ) -> Client {
         let mut roots = rustls::RootCertStore::empty();
-        for root in issuer.bundle().x509_roots() {
+        for root in roots_der {
             roots.add(root.clone()).unwrap();
         }
         let builder =
