@@ -183,6 +183,8 @@ pub trait AuditBackend {
 pub struct LocalBackend {
     state: State,
     log: DecisionLog,
+    /// Set when the key pinned in the log is not the state's checkpoint key file.
+    key_mismatch: Option<String>,
 }
 
 impl AuditBackend for LocalBackend {
@@ -195,7 +197,17 @@ impl AuditBackend for LocalBackend {
         Ok(out)
     }
     fn verify(&self) -> CliResult<VerifyView> {
-        Ok(ops::verify(&self.log)?)
+        let mut view = ops::verify(&self.log)?;
+        if let Some(what) = &self.key_mismatch {
+            view.problems.insert(
+                0,
+                crate::admin::commands::TamperView {
+                    seq: 0,
+                    what: what.clone(),
+                },
+            );
+        }
+        Ok(view)
     }
     fn export_jsonl(&self, out: &mut dyn Write) -> CliResult<u64> {
         self.log.export_jsonl(out).internal_err()
@@ -247,8 +259,45 @@ pub fn backend(state: &Path) -> CliResult<Box<dyn AuditBackend>> {
     if let Some(client) = AdminClient::live(state)? {
         return Ok(Box::new(client));
     }
-    let (state, log) = open_log(state)?;
-    Ok(Box::new(LocalBackend { state, log }))
+    let state = State::open(state).internal_err()?;
+    // Verify against the key file too (not only the key pinned inside the database), so a
+    // rewritten pin cannot make another key's checkpoints pass.
+    let (log, key_mismatch) = match existing_checkpoint_signer(&state)? {
+        Some(signer) => match DecisionLog::open(state.db(), Some(signer)) {
+            Ok(log) => (log, None),
+            Err(meshgate_policy::LogError::KeyMismatch { pinned, given }) => {
+                let what = format!(
+                    "the checkpoint key pinned in the log (`{pinned}`) is not `keys/{CHECKPOINT_KEY_FILE}` (`{given}`)"
+                );
+                (open_log_at(&state)?, Some(what))
+            }
+            Err(e) => return Err(CliError::internal(e)),
+        },
+        None => (open_log_at(&state)?, None),
+    };
+    Ok(Box::new(LocalBackend {
+        state,
+        log,
+        key_mismatch,
+    }))
+}
+
+/// The state's checkpoint key, if the key file exists (never creates one).
+fn existing_checkpoint_signer(state: &State) -> CliResult<Option<CheckpointSigner>> {
+    let path = state.keys_dir().join(CHECKPOINT_KEY_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    checkpoint_signer(state).map(Some).internal_err()
+}
+
+fn open_log_at(state: &State) -> CliResult<DecisionLog> {
+    DecisionLog::open(state.db(), None).internal_ctx(|| {
+        format!(
+            "cannot open the decision log in `{}`",
+            state.root().display()
+        )
+    })
 }
 
 /// Opens the state directory and its decision log; unreadable state is exit 3.

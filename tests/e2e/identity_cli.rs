@@ -457,5 +457,28 @@ fn admin_actions_on_a_stopped_gateway_are_recorded() {
     ] {
         assert!(events.contains(what), "`{what}` not recorded in {events}");
     }
+    ok(&["audit", "checkpoint", s(&state)]);
     ok(&["audit", "verify", s(&state)]);
+    // A checkpoint key that is not the one the log was signed with is tampering (exit 1):
+    // verification checks the key file, not only the key pinned inside the database.
+    let key = state.join("keys/audit-checkpoint.pem");
+    let other = tmp.path().join("other");
+    ok(&[
+        "identity",
+        "init",
+        "--state",
+        s(&other),
+        "--trust-domain",
+        "other.example",
+    ]);
+    ok(&["audit", "checkpoint", s(&other)]);
+    std::fs::copy(other.join("keys/audit-checkpoint.pem"), &key).unwrap();
+    let out = meshgate(&["audit", "verify", s(&state)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("audit-checkpoint.pem"), "{text}");
 }

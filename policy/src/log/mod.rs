@@ -63,6 +63,9 @@ pub enum LogError {
     /// No checkpoint key was configured, but the operation signs.
     #[error("no checkpoint key is configured")]
     NoSigner,
+    /// The log does not verify, so the operation (pruning) is refused.
+    #[error("the decision log does not verify ({0}); nothing was pruned")]
+    Tampered(String),
     /// The configured key is not the one pinned in the log.
     #[error("checkpoint key `{given}` is not the key pinned in the log (`{pinned}`)")]
     KeyMismatch {

@@ -117,6 +117,14 @@ impl DecisionLog {
         now: SystemTime,
     ) -> Result<PruneReport, LogError> {
         let signer = self.signer.as_ref().ok_or(LogError::NoSigner)?;
+        // Never bless a tampered prefix with a signed anchor.
+        let report = self.verify()?;
+        if let Some(first) = report.problems.first() {
+            return Err(LogError::Tampered(format!(
+                "seq {}: {}",
+                first.seq, first.what
+            )));
+        }
         let mut last: Option<(u64, String)> = None;
         self.for_each(|r| {
             let old = r.system_time().is_some_and(|t| t < before);
@@ -131,7 +139,12 @@ impl DecisionLog {
                 anchor: None,
             });
         };
-        let anchor = signer.sign(seq, &hash, &crate::timefmt::to_rfc3339(now))?;
+        let anchor = signer.sign_kind(
+            super::signer::CheckpointKind::Anchor,
+            seq,
+            &hash,
+            &crate::timefmt::to_rfc3339(now),
+        )?;
         let json = serde_json::to_vec(&anchor).map_err(|e| LogError::Encoding(e.to_string()))?;
         // The anchor is durable before anything is removed; verification skips leftovers
         // below the anchor if the removal is interrupted.

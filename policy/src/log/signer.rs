@@ -1,7 +1,8 @@
 //! Checkpoints: the chain head signed with ES256 (ECDSA P-256, SHA-256, fixed r||s).
 //!
 //! The signed message is the UTF-8 text
-//! `meshgate.audit.checkpoint.v1\n<seq>\n<head hash>\n<time>\n<public key hex>`.
+//! `meshgate.audit.checkpoint.v1\n<seq>\n<head hash>\n<time>\n<public key hex>` (a prune
+//! anchor signs `meshgate.audit.anchor.v1\n…` instead, so neither passes for the other).
 //! The public key (uncompressed SEC1 point, hex) is stored with each checkpoint and pinned
 //! in the log's meta tree on first use, so a swapped key is reported by verification.
 
@@ -32,11 +33,42 @@ pub struct Checkpoint {
     pub public_key: String,
     /// ES256 signature (r||s, hex) over the message in the module docs.
     pub signature: String,
+    /// `checkpoint` (a signed head), or `anchor` (the head a pruned log starts after). The
+    /// kind is part of the signed message, so a checkpoint cannot be replayed as an anchor.
+    #[serde(default, skip_serializing_if = "CheckpointKind::is_checkpoint")]
+    pub kind: CheckpointKind,
+}
+
+/// What a signed head is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// A periodic signed head.
+    #[default]
+    Checkpoint,
+    /// The anchor a pruned log starts after.
+    Anchor,
+}
+
+impl CheckpointKind {
+    fn is_checkpoint(&self) -> bool {
+        *self == CheckpointKind::Checkpoint
+    }
 }
 
 impl Checkpoint {
-    fn message(seq: u64, head_hash: &str, time: &str, public_key: &str) -> String {
-        format!("meshgate.audit.checkpoint.v1\n{seq}\n{head_hash}\n{time}\n{public_key}")
+    fn message(
+        kind: CheckpointKind,
+        seq: u64,
+        head_hash: &str,
+        time: &str,
+        public_key: &str,
+    ) -> String {
+        let label = match kind {
+            CheckpointKind::Checkpoint => "checkpoint",
+            CheckpointKind::Anchor => "anchor",
+        };
+        format!("meshgate.audit.{label}.v1\n{seq}\n{head_hash}\n{time}\n{public_key}")
     }
 
     /// Whether the signature is valid for the embedded public key.
@@ -45,7 +77,13 @@ impl Checkpoint {
         else {
             return false;
         };
-        let msg = Self::message(self.seq, &self.head_hash, &self.time, &self.public_key);
+        let msg = Self::message(
+            self.kind,
+            self.seq,
+            &self.head_hash,
+            &self.time,
+            &self.public_key,
+        );
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key)
             .verify(msg.as_bytes(), &sig)
             .is_ok()
@@ -126,7 +164,18 @@ impl CheckpointSigner {
         head_hash: &str,
         time: &str,
     ) -> Result<Checkpoint, LogError> {
-        let msg = Checkpoint::message(seq, head_hash, time, &self.public_hex);
+        self.sign_kind(CheckpointKind::Checkpoint, seq, head_hash, time)
+    }
+
+    /// Signs a head of the given kind.
+    pub(crate) fn sign_kind(
+        &self,
+        kind: CheckpointKind,
+        seq: u64,
+        head_hash: &str,
+        time: &str,
+    ) -> Result<Checkpoint, LogError> {
+        let msg = Checkpoint::message(kind, seq, head_hash, time, &self.public_hex);
         let sig = self
             .key
             .sign(&SystemRandom::new(), msg.as_bytes())
@@ -137,6 +186,7 @@ impl CheckpointSigner {
             time: time.to_owned(),
             public_key: self.public_hex.clone(),
             signature: hex::encode(sig.as_ref()),
+            kind,
         })
     }
 }

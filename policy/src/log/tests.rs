@@ -211,7 +211,7 @@ fn checkpoints_are_signed_pinned_and_checked() {
         DecisionLog::open(&db, Some(CheckpointSigner::from_pkcs8_der(&der).unwrap())).unwrap();
     let (seq, what) = first_bad(&log);
     assert_eq!(seq, 3);
-    assert!(what.contains("not the pinned checkpoint key"), "{what}");
+    assert!(what.contains("checkpoint key"), "{what}");
     // Without a signer, checkpoints are refused.
     drop(log);
     assert!(matches!(
@@ -321,6 +321,52 @@ fn pruning_keeps_the_chain_verifiable_from_a_signed_anchor() {
     // Deleting the first retained record is still caught.
     tree(&db, RECORDS_TREE).remove(5u64.to_be_bytes()).unwrap();
     assert_eq!(first_bad(&log).0, 5);
+}
+
+#[test]
+fn a_checkpoint_replayed_as_a_prune_anchor_is_caught() {
+    let (signer, _) = CheckpointSigner::generate().unwrap();
+    let (_d, db, log) = filled(10, Some(signer));
+    // Someone with write access to the database (no key) deletes records 1..=4 and copies
+    // the signed checkpoint of seq 4 into the anchor slot.
+    let cp = log.checkpoints().unwrap().into_iter().find(|c| c.seq == 4);
+    let cp = match cp {
+        Some(cp) => cp,
+        None => {
+            // Make one at seq 4 the honest way first: a fresh log of 4, checkpointed.
+            let (signer, _) = CheckpointSigner::generate().unwrap();
+            let (_d2, _db2, small) = filled(4, Some(signer));
+            small.checkpoint(t(100)).unwrap()
+        }
+    };
+    for seq in 1..=4u64 {
+        tree(&db, RECORDS_TREE).remove(seq.to_be_bytes()).unwrap();
+    }
+    tree(&db, "audit.meta")
+        .insert("anchor", serde_json::to_vec(&cp).unwrap())
+        .unwrap();
+    let report = log.verify().unwrap();
+    assert!(
+        !report.is_ok(),
+        "a replayed checkpoint passed as an anchor: {report:?}"
+    );
+}
+
+#[test]
+fn pruning_refuses_a_log_that_does_not_verify() {
+    let (signer, _) = CheckpointSigner::generate().unwrap();
+    let (_d, db, log) = filled(10, Some(signer));
+    tree(&db, RECORDS_TREE).remove(3u64.to_be_bytes()).unwrap();
+    let err = log.prune_before(t(5), t(1000)).unwrap_err();
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    assert!(err.to_string().contains("seq 3"), "{err}");
+    // Nothing was pruned.
+    assert!(
+        tree(&db, RECORDS_TREE)
+            .get(1u64.to_be_bytes())
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[test]

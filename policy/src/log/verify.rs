@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::record::{self, DecisionRecord};
+use super::signer::CheckpointKind;
 use super::{Checkpoint, DecisionLog, LogError, key_seq};
 
 /// One problem found by verification.
@@ -64,8 +65,28 @@ impl DecisionLog {
                 }),
             }
         }
+        // The key this process was configured with (the key file) must have signed every
+        // head too: a rewritten pin cannot make another key's heads pass.
+        let configured = self.signer.as_ref().map(|s| s.public_key_hex().to_owned());
         let check_sig = |cp: &Checkpoint, label: &str, problems: &mut Vec<Tamper>| {
-            if pinned.as_deref().is_some_and(|p| p != cp.public_key) {
+            let wrong_kind = match label {
+                "prune anchor" => cp.kind != CheckpointKind::Anchor,
+                _ => cp.kind != CheckpointKind::Checkpoint,
+            };
+            if wrong_kind {
+                problems.push(Tamper {
+                    seq: cp.seq,
+                    what: format!("{label} at seq {} is not signed as a {label}", cp.seq),
+                });
+            } else if configured.as_deref().is_some_and(|k| k != cp.public_key) {
+                problems.push(Tamper {
+                    seq: cp.seq,
+                    what: format!(
+                        "{label} at seq {} is not signed by the configured checkpoint key",
+                        cp.seq
+                    ),
+                });
+            } else if pinned.as_deref().is_some_and(|p| p != cp.public_key) {
                 problems.push(Tamper { seq: cp.seq, what: format!("{label} at seq {} is signed by a key that is not the pinned checkpoint key", cp.seq) });
             } else if !cp.signature_valid() {
                 problems.push(Tamper {
