@@ -24,6 +24,8 @@ pub const SVID_FILE: &str = "svid.pem";
 pub const KEY_FILE: &str = "key.pem";
 /// The trust bundle file (X.509 roots, PEM).
 pub const BUNDLE_FILE: &str = "bundle.pem";
+/// The SVID chain followed by its key, written in one atomic rename (mode 0600).
+pub const SVID_KEY_FILE: &str = "svid_key.pem";
 
 /// Why the agent stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -255,8 +257,18 @@ impl Agent {
         .map_err(|e| bad(e.to_string()))?;
         let dir = &self.config.out_dir;
         let key_pem = pem_encode("PRIVATE KEY", csr.private_key.secret_der());
+        let chain_pem = svid.cert_chain_pem();
+        // `svid_key.pem` (chain then key) is replaced in one rename: readers that must never
+        // see a certificate with the wrong key read that file. The separate files are
+        // written key first; `load_existing` checks that they match.
+        write(
+            dir,
+            SVID_KEY_FILE,
+            format!("{chain_pem}{key_pem}").as_bytes(),
+            0o600,
+        )?;
         write(dir, KEY_FILE, key_pem.as_bytes(), 0o600)?;
-        write(dir, SVID_FILE, svid.cert_chain_pem().as_bytes(), 0o644)?;
+        write(dir, SVID_FILE, chain_pem.as_bytes(), 0o644)?;
         write(dir, BUNDLE_FILE, bundle.to_pem().as_bytes(), 0o644)?;
         client.update_bundle(bundle);
         tracing::info!(spiffe_id = %svid.spiffe_id(), "SVID written");
@@ -294,16 +306,70 @@ fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), AgentErr
 }
 
 /// The SVID already in `dir`, if its files are readable and it is still valid at `now`.
+/// `svid_key.pem` is written first and in one rename, so it is the newest consistent pair;
+/// the separate files are the fallback (a crash between their two renames can leave a new
+/// key beside the old certificate, which is never reused).
 fn load_existing(dir: &Path, now: SystemTime) -> Option<X509Svid> {
-    let chain = std::fs::read(dir.join(SVID_FILE)).ok()?;
-    let key = crate::files::read_private(&dir.join(KEY_FILE)).ok()?;
-    let svid = X509Svid::from_pem(&chain, Some(&key)).ok()?;
+    let combined = || {
+        let both = crate::files::read_private(&dir.join(SVID_KEY_FILE)).ok()?;
+        usable(X509Svid::from_pem(&both, Some(&both)).ok()?, now)
+    };
+    let separate = || {
+        let chain = std::fs::read(dir.join(SVID_FILE)).ok()?;
+        let key = crate::files::read_private(&dir.join(KEY_FILE)).ok()?;
+        usable(X509Svid::from_pem(&chain, Some(&key)).ok()?, now)
+    };
+    combined().or_else(separate)
+}
+
+/// The SVID if its key matches its certificate and it is still valid at `now`.
+fn usable(svid: X509Svid, now: SystemTime) -> Option<X509Svid> {
+    crate::provider::certified_key(&svid)
+        .ok()?
+        .keys_match()
+        .ok()?;
     (svid.not_after() > now).then_some(svid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_torn_pair_is_never_reused_and_the_combined_file_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let now = SystemTime::now();
+        let issuer =
+            crate::Issuer::init(&db, tmp.path(), "east.example".parse().unwrap(), now).unwrap();
+        let id: crate::SpiffeId = "spiffe://east.example/ns/shop/sa/web".parse().unwrap();
+        let old = issuer
+            .issue_x509_svid(&id, Duration::from_secs(600), &[], &[], now)
+            .unwrap();
+        let new = issuer
+            .issue_x509_svid(&id, Duration::from_secs(600), &[], &[], now)
+            .unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let pem = |s: &X509Svid| (s.cert_chain_pem(), s.private_key_pem().unwrap());
+        // Crash after the new key, before the new certificate: old cert + new key.
+        std::fs::write(out.join(SVID_FILE), pem(&old).0).unwrap();
+        write_atomic(&out.join(KEY_FILE), pem(&new).1.as_bytes(), 0o600).unwrap();
+        assert!(
+            load_existing(&out, now).is_none(),
+            "a mismatched pair was reused"
+        );
+        // The combined file, written first, holds the new consistent pair.
+        let (chain, key) = pem(&new);
+        write_atomic(
+            &out.join(SVID_KEY_FILE),
+            format!("{chain}{key}").as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        let loaded = load_existing(&out, now).expect("the combined file");
+        assert_eq!(loaded.leaf(), new.leaf());
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
