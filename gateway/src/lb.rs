@@ -15,6 +15,10 @@ const MAX_EJECTION: Duration = Duration::from_secs(300);
 const EWMA_ALPHA: f64 = 0.3;
 /// Latency assumed for an endpoint without samples (so new endpoints get tried).
 const INITIAL_EWMA_MICROS: u64 = 1_000;
+/// A failure counts as this much latency for [`PENALTY_FOR`], so power-of-two choices steers
+/// away from a failing endpoint before it is ejected (and comes back to it afterwards).
+const FAILURE_PENALTY_MICROS: u64 = 1_000_000;
+const PENALTY_FOR: Duration = Duration::from_secs(2);
 
 /// One upstream endpoint and its live statistics.
 #[derive(Debug)]
@@ -25,6 +29,7 @@ pub struct Endpoint {
     ewma_micros: AtomicU64,
     consecutive_failures: AtomicU32,
     ejection: Mutex<Ejection>,
+    penalized_until: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +47,7 @@ impl Endpoint {
             ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
             consecutive_failures: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
+            penalized_until: Mutex::new(None),
         }
     }
 
@@ -53,11 +59,18 @@ impl Endpoint {
             .unwrap_or(false)
     }
 
-    fn score(&self) -> u64 {
+    fn score(&self, now: Instant) -> u64 {
         let outstanding = u64::from(self.outstanding.load(Ordering::Relaxed));
-        self.ewma_micros
-            .load(Ordering::Relaxed)
-            .saturating_mul(outstanding + 1)
+        let mut latency = self.ewma_micros.load(Ordering::Relaxed);
+        let penalized = self
+            .penalized_until
+            .lock()
+            .map(|p| p.is_some_and(|u| now < u))
+            .unwrap_or(false);
+        if penalized {
+            latency = latency.max(FAILURE_PENALTY_MICROS);
+        }
+        latency.saturating_mul(outstanding + 1)
     }
 
     /// Marks a request as started; the guard records its outcome.
@@ -85,6 +98,9 @@ impl Endpoint {
 
     /// Returns true if this failure ejected the endpoint.
     fn record_failure(&self, now: Instant) -> bool {
+        if let Ok(mut p) = self.penalized_until.lock() {
+            *p = Some(now + PENALTY_FOR);
+        }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < EJECT_AFTER_FAILURES {
             return false;
@@ -175,7 +191,7 @@ pub fn pick_avoiding<'a>(
             if std::ptr::eq(a, b) {
                 b = healthy[(random.1 + 1) % n];
             }
-            Some(if a.score() <= b.score() { a } else { b })
+            Some(if a.score(now) <= b.score(now) { a } else { b })
         }
     }
 }
@@ -272,6 +288,19 @@ mod tests {
         }
         assert!(eps[0].is_ejected(later + BASE_EJECTION + Duration::from_millis(1)));
         assert!(!eps[0].is_ejected(later + 2 * BASE_EJECTION + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_failure_steers_picks_away_for_a_while() {
+        let eps = endpoints(2);
+        let now = Instant::now();
+        eps[0].start().failure(now);
+        for r in 0..20 {
+            assert_eq!(pick(&eps, now, (r, r + 1)).unwrap().addr, eps[1].addr);
+        }
+        // After the penalty the endpoint is tried again (no starvation).
+        let later = now + PENALTY_FOR + Duration::from_millis(1);
+        assert!((0..20).any(|r| pick(&eps, later, (r, r + 1)).unwrap().addr == eps[0].addr));
     }
 
     #[test]
