@@ -162,13 +162,17 @@ struct Server {
 }
 
 async fn start(ca: &Arc<Ca>) -> Server {
+    start_at(ca, "127.0.0.1:0").await
+}
+
+async fn start_at(ca: &Arc<Ca>, addr: &str) -> Server {
     let issuer = Arc::new(meshgate_identity::Issuer::open(&ca.db, &ca.keys_dir()).unwrap());
     let gw = SpiffeId::gateway(issuer.trust_domain());
     let svid = issuer
         .issue_x509_svid(&gw, HOUR, &["localhost".into()], &[], SystemTime::now())
         .unwrap();
     let resolver = Arc::new(SvidCertResolver::new(&svid).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel();
     let task = tokio::spawn(serve_issuer_api(listener, issuer, resolver, async {
@@ -322,7 +326,9 @@ async fn client_refuses_an_issuer_that_is_not_the_gateway() {
 #[tokio::test]
 async fn agent_attests_writes_files_and_renews() {
     let ca = Arc::new(ca("east.example"));
-    let token = register(&ca, Duration::from_secs(2));
+    // A short TTL (renewal at half of it) that still leaves room for a busy machine
+    // between the issuer stopping and coming back.
+    let token = register(&ca, Duration::from_secs(6));
     let server = start(&ca).await;
     let out = tempfile::tempdir().unwrap();
     let mut config = AgentConfig::new(server.url.clone(), ca.issuer.bundle(), token, out.path());
@@ -340,7 +346,7 @@ async fn agent_attests_writes_files_and_renews() {
                 .await
         }
     });
-    // Attestation, then at least one renewal (the entry's TTL is 2 s + 60 s backdate).
+    // Attestation, then at least one renewal.
     tokio::time::timeout(
         Duration::from_secs(90),
         status.wait_for(|s| s.svids_written >= 1),
@@ -378,6 +384,7 @@ async fn agent_attests_writes_files_and_renews() {
     );
 
     // The issuer goes away: the agent keeps the files and counts failures.
+    let url = server.url.clone();
     server.stop().await;
     tokio::time::timeout(
         Duration::from_secs(90),
@@ -387,6 +394,27 @@ async fn agent_attests_writes_files_and_renews() {
     .unwrap()
     .unwrap();
     assert!(out.path().join("svid.pem").exists());
+    let kept =
+        X509Svid::from_pem(&std::fs::read(out.path().join("svid.pem")).unwrap(), None).unwrap();
+    // The issuer comes back on the same address: the agent renews on its own (its SVID was
+    // still valid, so renewal over mTLS works) and the failure count clears.
+    let written = status.borrow().svids_written;
+    let server = start_at(&ca, url.trim_start_matches("https://")).await;
+    tokio::time::timeout(
+        Duration::from_secs(90),
+        status.wait_for(|s| s.svids_written > written && s.failures == 0),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let back =
+        X509Svid::from_pem(&std::fs::read(out.path().join("svid.pem")).unwrap(), None).unwrap();
+    assert_ne!(
+        back.leaf(),
+        kept.leaf(),
+        "renewed after the issuer returned"
+    );
+    server.stop().await;
     stop.send(()).unwrap();
     runner.await.unwrap().unwrap();
 }
