@@ -65,6 +65,8 @@ def analyse_run(row, results):
         "rps": ok / elapsed if elapsed else 0.0,
         "cpu_s": int(row["cpu_ticks"]) / CLK_TCK,
         "rss_max_mib": int(row["rss_max_kib"]) / 1024.0,
+        "pss_max_mib": int(row.get("pss_max_kib") or 0) / 1024.0,
+        "loadavg1": row.get("loadavg1", ""),
     }
 
 
@@ -93,7 +95,9 @@ def main():
     machine = load_machine(os.path.join(results, "machine.txt"))
     CLK_TCK = int(machine.get("clk_tck", "100"))
     runs = [analyse_run(r, results) for r in load_tsv(os.path.join(results, "runs.tsv"))]
-    idle = {r["path"]: int(r["rss_idle_kib"]) / 1024.0 for r in load_tsv(os.path.join(results, "idle.tsv"))}
+    idle_rows = load_tsv(os.path.join(results, "idle.tsv"))
+    idle = {r["path"]: int(r["rss_idle_kib"]) / 1024.0 for r in idle_rows}
+    idle_pss = {r["path"]: int(r.get("pss_idle_kib") or 0) / 1024.0 for r in idle_rows}
 
     latency = [r for r in runs if r["phase"] == "latency"]
     saturation = [r for r in runs if r["phase"] == "saturation"]
@@ -131,6 +135,9 @@ def main():
     rows.append(("**RSS idle** (MiB, proxies)", None, idle.get("nginx"), idle.get("meshgate"), True))
     rows.append(("**RSS under load** (MiB, max, proxies)", None,
                  m(saturation, "nginx", "rss_max_mib"), m(saturation, "meshgate", "rss_max_mib"), True))
+    rows.append(("PSS idle (MiB, proxies)", None, idle_pss.get("nginx"), idle_pss.get("meshgate"), True))
+    rows.append(("PSS under load (MiB, max, proxies)", None,
+                 m(saturation, "nginx", "pss_max_mib"), m(saturation, "meshgate", "pss_max_mib"), True))
 
     out = []
     w = out.append
@@ -152,24 +159,26 @@ def main():
 
     w("### Raw: latency runs (fixed rate)")
     w("")
-    w("| seq | rep | path | p50 ms | p90 ms | p99 ms | added p50 | added p90 | added p99 | rps | non-200/errors |")
-    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("| seq | rep | path | p50 ms | p90 ms | p99 ms | added p50 | added p90 | added p99 | rps | non-200/errors | load1 |")
+    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in latency:
         w(f"| {r['seq']} | {r['rep']} | {r['path']} | {fmt(r['p50'])} | {fmt(r['p90'])} | {fmt(r['p99'])} | "
           f"{fmt(r.get('added_p50'))} | {fmt(r.get('added_p90'))} | {fmt(r.get('added_p99'))} | "
-          f"{fmt(r['rps'], 0)} | {r['not_ok']} |")
+          f"{fmt(r['rps'], 0)} | {r['not_ok']} | {r['loadavg1']} |")
     w("")
     w("### Raw: saturation runs (unthrottled)")
     w("")
-    w("| seq | rep | path | rps (200s) | responses | proxy CPU-s | CPU-s / 1000 req | RSS max MiB | non-200/errors |")
-    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    w("| seq | rep | path | rps (200s) | responses | proxy CPU-s | CPU-s / 1000 req | RSS max MiB | PSS max MiB | non-200/errors | load1 |")
+    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in saturation:
         w(f"| {r['seq']} | {r['rep']} | {r['path']} | {fmt(r['rps'], 0)} | {r['ok']} | "
           f"{fmt(r['cpu_s'], 2) if r['path'] != 'direct' else '—'} | {fmt(r.get('cpu_per_1k'))} | "
-          f"{fmt(r['rss_max_mib'], 1) if r['path'] != 'direct' else '—'} | {r['not_ok']} |")
+          f"{fmt(r['rss_max_mib'], 1) if r['path'] != 'direct' else '—'} | "
+          f"{fmt(r['pss_max_mib'], 1) if r['path'] != 'direct' else '—'} | {r['not_ok']} | {r['loadavg1']} |")
     w("")
-    w(f"RSS idle (after warm-up): nginx pair {fmt(idle.get('nginx'), 1)} MiB, "
-      f"meshgate pair {fmt(idle.get('meshgate'), 1)} MiB.")
+    w(f"Idle (after warm-up): nginx pair RSS {fmt(idle.get('nginx'), 1)} MiB / PSS "
+      f"{fmt(idle_pss.get('nginx'), 1)} MiB (2 masters + workers), meshgate pair RSS "
+      f"{fmt(idle.get('meshgate'), 1)} MiB / PSS {fmt(idle_pss.get('meshgate'), 1)} MiB (2 processes).")
 
     bad = [r for r in runs if r["not_ok"]]
     if bad:

@@ -34,6 +34,11 @@ usage: benches/run.sh [--quick] [--reps N] [--duration SECS] [--perf] [--keep] [
                    during one extra saturation run (flat profile into the results)
   --keep           keep the temporary directory (configs, certificates, logs)
   --results DIR    where to write the results (default target/meshgate-bench/<UTC time>)
+
+environment:
+  CARGO_TARGET_DIR      honoured for the build and the default results directory
+  MESHGATE_BENCH_BIN    use this meshgate binary instead of building (for work on the script)
+  MESHGATE_BENCH_LABEL  names the build in the report when the tree is not a git checkout
 EOF
 }
 
@@ -70,11 +75,14 @@ die() { say "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------------------- cleanup
 PIDS=()          # every long-running process this script started
+SAMPLER=""       # the memory sampler of the load run in progress
+LOADGEN=""       # the oha run in progress (waited on in the background, so a signal is seen at once)
 WORK=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     local p
+    for p in $SAMPLER $LOADGEN; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do
         for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -91,7 +99,9 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'say "interrupted: stopping everything"; exit 130' INT TERM
+set -E   # the ERR trap below also fires in functions: no silent exit from `set -e`
+trap 'say "error: \`$BASH_COMMAND\` failed (exit $?) at line $LINENO"' ERR
 
 # ---------------------------------------------------------------------------- tools
 command -v python3 >/dev/null || die "python3 is needed (the statistics helper)"
@@ -397,14 +407,12 @@ cpu_ticks() {
     done
     echo "$sum"
 }
-# VmRSS (KiB) summed over pids.
-rss_kib() {
-    local sum=0 p v
-    for p in "$@"; do
-        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") || die "process $p is gone"
-        sum=$((sum + v))
-    done
-    echo "$sum"
+# "RSS PSS" (KiB) summed over pids. RSS counts pages shared between nginx's master and
+# workers once per process; PSS divides them among the sharers (fairer to many processes).
+mem_kib() {
+    local p
+    for p in "$@"; do cat "/proc/$p/smaps_rollup" || die "process $p is gone"; done \
+        | awk '/^Rss:/ {r += $2} /^Pss:/ {s += $2} END {print r + 0, s + 0}'
 }
 alive_check() {
     local p
@@ -423,7 +431,7 @@ oha_args_of() {
 
 SEQ=0
 RUNS="$RESULTS/runs.tsv"
-printf 'seq\tphase\trep\tpath\tfile\tcpu_ticks\trss_max_kib\n' >"$RUNS"
+printf 'seq\tphase\trep\tpath\tfile\tcpu_ticks\trss_max_kib\tpss_max_kib\tloadavg1\n' >"$RUNS"
 
 # run_oha PHASE REP PATH SECONDS MODE(fixed|max): one bounded oha run, CPU and RSS sampled.
 run_oha() {
@@ -438,31 +446,42 @@ run_oha() {
     fi
     oha_args_of "$path"
     alive_check
-    local t0=0 rssfile="$WORK/rss.$SEQ" sampler=""
-    echo 0 >"$rssfile"
+    local t0=0 memfile="$WORK/mem.$SEQ" sampler=""
+    echo "0 0" >"$memfile"
     if [[ ${#pids[@]} -gt 0 ]]; then
         t0=$(cpu_ticks "${pids[@]}")
-        (   max=0
-            while :; do
-                cur=$(rss_kib "${pids[@]}" 2>/dev/null) || exit 0
-                ((cur > max)) && max=$cur && echo "$max" >"$rssfile"
+        # Stops by itself when this script or a measured process is gone.
+        (   rmax=0 pmax=0
+            while kill -0 "$$" 2>/dev/null; do
+                for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || exit 0; done
+                read -r r p < <(mem_kib "${pids[@]}" 2>/dev/null) || exit 0
+                ((r > rmax)) && rmax=$r
+                ((p > pmax)) && pmax=$p
+                echo "$rmax $pmax" >"$memfile.tmp" && mv -f "$memfile.tmp" "$memfile"
                 sleep 0.25
             done ) &
         sampler=$!
+        SAMPLER=$sampler
     fi
     local rc=0
     timeout --kill-after=5 $((secs + 60)) "$OHA" -z "${secs}s" "${load[@]}" --no-tui "${OHA_JSON[@]}" \
-        "${OHA_PATH_ARGS[@]}" "$(url_of "$path")" >"$file" 2>"$WORK/logs/oha.err" || rc=$?
+        "${OHA_PATH_ARGS[@]}" "$(url_of "$path")" >"$file" 2>"$WORK/logs/oha.err" &
+    LOADGEN=$!
+    wait "$LOADGEN" || rc=$?
+    LOADGEN=""
     local dt=0
     if [[ -n $sampler ]]; then
         kill "$sampler" 2>/dev/null || true
         wait "$sampler" 2>/dev/null || true
+        SAMPLER=""
         dt=$(($(cpu_ticks "${pids[@]}") - t0))
     fi
     [[ $rc -eq 0 ]] || die "oha failed ($rc) on $path: $(head -c 500 "$WORK/logs/oha.err")"
     if [[ $phase != warmup ]]; then
-        printf '%d\t%s\t%d\t%s\t%s\t%d\t%d\n' "$SEQ" "$phase" "$rep" "$path" "$(basename "$file")" \
-            "$dt" "$(cat "$rssfile")" >>"$RUNS"
+        local rmax=0 pmax=0
+        read -r rmax pmax <"$memfile" || die "no memory sample for run $SEQ"
+        printf '%d\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\n' "$SEQ" "$phase" "$rep" "$path" \
+            "$(basename "$file")" "$dt" "$rmax" "$pmax" "$(cut -d' ' -f1 /proc/loadavg)" >>"$RUNS"
     fi
     SEQ=$((SEQ + 1))
 }
@@ -471,10 +490,15 @@ say "warming up every path (${WARM}s each, not recorded)"
 for path in direct nginx meshgate; do run_oha warmup 0 "$path" "$WARM" fixed; done
 
 # Idle RSS: after the warm-up, no load.
-printf 'path\trss_idle_kib\n' >"$RESULTS/idle.tsv"
-printf 'nginx\t%d\nmeshgate\t%d\n' "$(rss_kib "${NGINX_PIDS[@]}")" "$(rss_kib "${MG_PIDS[@]}")" >>"$RESULTS/idle.tsv"
+{
+    printf 'path\trss_idle_kib\tpss_idle_kib\n'
+    printf 'nginx\t%s\t%s\n' $(mem_kib "${NGINX_PIDS[@]}")
+    printf 'meshgate\t%s\t%s\n' $(mem_kib "${MG_PIDS[@]}")
+} >"$RESULTS/idle.tsv"
 
 loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)
+# What else is using the CPU right now (the machine is shared).
+ps -eo pcpu,etime,comm --sort=-pcpu | head -12 >"$RESULTS/busy-at-start.txt" || true
 say "latency: $REPS reps × (direct, proxied, proxied, direct), ${DUR}s each at $RATE rps, $LAT_CONNS connections"
 for rep in $(seq 1 "$REPS"); do
     if ((rep % 2)); then order=(direct nginx meshgate direct); else order=(direct meshgate nginx direct); fi
@@ -503,22 +527,38 @@ curl -fsS "http://127.0.0.1:$P_WA/metrics" | grep '^meshgate_requests' >"$RESULT
 
 if [[ $PERF -eq 1 ]]; then
     if command -v perf >/dev/null; then
-        say "profiling both gateways (perf record, ${DUR}s saturation run, not recorded)"
-        perf record -F 999 -o "$WORK/perf.data" -p "$EAST_PID,$WEST_PID" \
-            >"$WORK/logs/perf.out" 2>&1 &
-        perf_pid=$!
-        PIDS+=("$perf_pid")
-        run_oha warmup 0 meshgate "$DUR" max
-        kill -INT "$perf_pid" 2>/dev/null || true
-        wait "$perf_pid" 2>/dev/null || true
+        # 1. Where the CPU goes at saturation: a flat profile (the release build has symbols
+        #    but no frame pointers, so no call graphs), per gateway and per thread.
+        say "profiling both gateways (perf record during a ${DUR}s saturation run, not recorded)"
+        perf_pids=()
         for gw in east:$EAST_PID west:$WEST_PID; do
-            perf report -i "$WORK/perf.data" --pid "${gw#*:}" --no-children --stdio \
-                --sort dso,symbol --percent-limit 0.5 2>/dev/null \
-                | grep -v '^$' >"$RESULTS/perf-${gw%%:*}.txt" || true
-            perf report -i "$WORK/perf.data" --pid "${gw#*:}" --no-children --stdio \
-                --sort comm --percent-limit 0.5 2>/dev/null \
-                | grep -v '^$' >"$RESULTS/perf-${gw%%:*}-threads.txt" || true
+            perf record -F 999 -o "$RESULTS/perf-${gw%%:*}.data" -p "${gw#*:}" \
+                >"$WORK/logs/perf-${gw%%:*}.out" 2>&1 &
+            perf_pids+=($!)
+            PIDS+=($!)
         done
+        run_oha warmup 0 meshgate "$DUR" max
+        for p in "${perf_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+        for p in "${perf_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+        for gw in east west; do
+            for sort in symbol dso comm; do
+                perf report -i "$RESULTS/perf-$gw.data" --no-children --stdio --sort "$sort" \
+                    --percent-limit 0.3 2>/dev/null \
+                    | grep -v '^#' | grep -v '^$' | sed 's/ *$//' \
+                    >"$RESULTS/perf-$gw-$sort.txt" || true
+            done
+        done
+        # 2. Where the time goes at 1000 rps: system calls of the destination gateway
+        #    (count and latency, e.g. the decision log's fsyncs) during a fixed-rate run.
+        say "tracing west's system calls (perf trace -s during a ${DUR}s run at $RATE rps, not recorded)"
+        perf trace -s -p "$WEST_PID" -o "$RESULTS/perf-trace-west.txt" >/dev/null 2>&1 &
+        trace_pid=$!
+        PIDS+=("$trace_pid")
+        run_oha warmup 0 meshgate "$DUR" fixed
+        cp "$RESULTS/oha/$(printf '%03d' $((SEQ - 1)))-warmup-r0-meshgate.json" \
+            "$RESULTS/perf-trace-oha.json" 2>/dev/null || true
+        kill -INT "$trace_pid" 2>/dev/null || true
+        wait "$trace_pid" 2>/dev/null || true
     else
         say "perf not installed: --perf skipped"
     fi
