@@ -61,7 +61,7 @@ endpoints = ["{upstream}"]
 
 /// The status `web` gets for `GET /v1/orders/42` through the gateway's workload listener.
 async fn call_orders(web: &Path, port: u16) -> String {
-    let out = tokio::process::Command::new("curl")
+    let out = crate::procs::tokio_tool("curl")
         .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
         .args(["--cacert", &arg(&web.join("bundle.pem"))])
         .args(["--cert", &arg(&web.join("svid.pem"))])

@@ -3,7 +3,6 @@
 //! this cluster, and a zone that follows the catalog without a restart.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::time::SystemTime;
 
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
@@ -28,7 +27,7 @@ fn resolver(server: SocketAddr) -> TokioResolver {
 }
 
 fn dig(server: SocketAddr, name: &str, rtype: &str) -> String {
-    let out = Command::new("dig")
+    let out = crate::procs::tool("dig")
         .args([
             &format!("@{}", server.ip()),
             "-p",

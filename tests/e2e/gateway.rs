@@ -360,7 +360,7 @@ async fn curl_calls_through_both_styles() {
     let f = |name: &str| files.path().join(name).to_string_lossy().into_owned();
     let port = east.gateway.addrs().workload.port();
     // Direct: the destination in `Host`.
-    let direct = tokio::process::Command::new("curl")
+    let direct = crate::procs::tokio_tool("curl")
         .args([
             "-sS",
             "--fail-with-body",
@@ -387,7 +387,7 @@ async fn curl_calls_through_both_styles() {
     let json: serde_json::Value = serde_json::from_slice(&direct.stdout).unwrap();
     assert_eq!(json["caller"], "spiffe://east.example/ns/shop/sa/web");
     // HTTPS forward proxy: absolute-form URI.
-    let proxy = tokio::process::Command::new("curl")
+    let proxy = crate::procs::tokio_tool("curl")
         .args([
             "-sS",
             "--fail-with-body",

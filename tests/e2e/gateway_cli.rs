@@ -165,7 +165,7 @@ async fn two_gateway_processes_and_curl() {
     let east = setup.spawn("east.toml");
 
     let web = dir.join("web");
-    let out = tokio::process::Command::new("curl")
+    let out = crate::procs::tokio_tool("curl")
         .args([
             "-sS",
             "--fail-with-body",
@@ -203,7 +203,7 @@ async fn two_gateway_processes_and_curl() {
     );
 
     // Metrics count the request.
-    let metrics = tokio::process::Command::new("curl")
+    let metrics = crate::procs::tokio_tool("curl")
         .args(["-sS", &format!("http://{}/metrics", west_ports[2])])
         .output()
         .await

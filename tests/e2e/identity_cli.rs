@@ -33,7 +33,7 @@ fn exit_code(args: &[&str]) -> (i32, String) {
 }
 
 fn openssl_verify(bundle: &Path, svid: &Path) {
-    let out = Command::new("openssl")
+    let out = crate::procs::tool("openssl")
         .args(["verify", "-CAfile"])
         .arg(bundle)
         .arg(svid)
@@ -348,7 +348,7 @@ fn serve_and_agent_issue_over_https() {
     let port = addr.rsplit(':').next().unwrap();
 
     // A standard client verifies the issuer by DNS name with bundle.pem as CA.
-    let curl = Command::new("curl")
+    let curl = crate::procs::tool("curl")
         .args([
             "-sS",
             "--fail",
@@ -382,7 +382,7 @@ fn serve_and_agent_issue_over_https() {
     );
     wait_for_file(&out.join("bundle.pem"), Duration::from_secs(60));
     openssl_verify(&out.join("bundle.pem"), &out.join("svid.pem"));
-    let cert = Command::new("openssl")
+    let cert = crate::procs::tool("openssl")
         .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
         .arg(out.join("svid.pem"))
         .output()

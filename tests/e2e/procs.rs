@@ -98,3 +98,35 @@ pub fn interrupt(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A command for a system tool the tests drive as a real client (`curl`, `openssl`, `dig`).
+/// On a machine that lacks it, the project installs it once with
+/// `scripts/install-test-tools.sh` (Debian packages; needs root), so `cargo test` works on a
+/// fresh machine; if it still cannot be found, the test fails saying so.
+pub fn tool(name: &str) -> Command {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    let present = |n: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {n}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !present(name) {
+        INSTALL.call_once(|| {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-tools.sh");
+            let status = Command::new("bash").arg(script).status();
+            eprintln!("installing test tools: {status:?}");
+        });
+        assert!(
+            present(name),
+            "`{name}` is needed by this test and could not be installed: run scripts/install-test-tools.sh as root"
+        );
+    }
+    Command::new(name)
+}
+
+/// [`tool`] for async tests.
+pub fn tokio_tool(name: &str) -> tokio::process::Command {
+    tokio::process::Command::from(tool(name))
+}
