@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminContext, AdminServer, Registry};
 use crate::cli::audit::checkpoint_signer;
-use crate::cli::federation_wiring::{self, FederatedCatalog};
+use crate::cli::federation_wiring::{self, FederatedCatalog, FederationMetrics};
 use crate::exit::{CliError, CliResult, ResultExt};
 use crate::state::State;
 
@@ -127,6 +127,7 @@ impl Prepared {
             log: log.clone(),
             catalog: Arc::new(FederatedCatalog(federation.clone())),
             control: Some(Arc::new(FederatedCatalog(federation.clone()))),
+            collectors: vec![Box::new(FederationMetrics::new(&federation))],
         })
         .await
         .map_err(|e| CliError::internal(anyhow::anyhow!(e)))?;

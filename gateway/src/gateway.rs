@@ -74,6 +74,8 @@ pub struct GatewayParts {
     pub catalog: Arc<dyn Catalog>,
     /// The `/.meshgate/` control handler (federation).
     pub control: Option<Arc<dyn ControlHandler>>,
+    /// More metrics for `/metrics`, collected at each scrape (e.g. federation link state).
+    pub collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
 }
 
 /// State shared by every connection of one gateway.
@@ -151,6 +153,7 @@ impl Gateway {
             log,
             catalog,
             control,
+            collectors,
         } = parts;
         let td = issuer.trust_domain().clone();
         if config.trust_domain != td.as_str() {
@@ -179,7 +182,7 @@ impl Gateway {
             config.listeners.ip_addrs.clone(),
             now,
         )?);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_collectors(collectors));
         metrics.svid_expiry.set(unix(svid.not_after()));
 
         let mut upstreams = Upstreams::default();

@@ -69,7 +69,17 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric under the `meshgate_` prefix.
     pub fn new() -> Self {
+        Self::with_collectors(Vec::new())
+    }
+
+    /// Like [`Metrics::new`], plus collectors asked for their metrics at each scrape.
+    pub fn with_collectors(
+        collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("meshgate");
+        for collector in collectors {
+            registry.register_collector(collector);
+        }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",

@@ -80,3 +80,72 @@ impl ControlTransport for TunnelTransport {
         self.0.disconnect(td);
     }
 }
+
+/// One gauge family: name, help, and its value for a link.
+type Family = (
+    &'static str,
+    &'static str,
+    fn(&meshgate_federation::LinkStatus) -> i64,
+);
+
+/// Federation link state on the gateway's `/metrics`, read at each scrape:
+/// `meshgate_federation_link_up` (1 when synced), `meshgate_federation_link_expired` (1 when
+/// the cached peer state expired and the peer fails closed), `meshgate_federation_sync_lag_seconds`
+/// and `meshgate_federation_peer_bundle_sequence`, each labelled with the peer cluster.
+///
+/// It holds the federation weakly: the federation holds the gateway's tunnel, which holds
+/// the metrics, so a strong reference here would be a cycle that never frees the state.
+#[derive(Debug)]
+pub struct FederationMetrics(std::sync::Weak<Federation>);
+
+impl FederationMetrics {
+    pub fn new(federation: &Arc<Federation>) -> Self {
+        Self(Arc::downgrade(federation))
+    }
+}
+
+impl prometheus_client::collector::Collector for FederationMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let Some(federation) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let links = federation.status(std::time::SystemTime::now());
+        let families: [Family; 4] = [
+            (
+                "federation_link_up",
+                "1 when the link to the peer is synced",
+                |s| i64::from(s.state == "synced"),
+            ),
+            (
+                "federation_link_expired",
+                "1 when the peer's cached state expired and the peer fails closed",
+                |s| i64::from(s.state == "expired"),
+            ),
+            (
+                "federation_sync_lag_seconds",
+                "Seconds since the last successful sync with the peer",
+                |s| {
+                    s.lag_seconds
+                        .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX))
+                },
+            ),
+            (
+                "federation_peer_bundle_sequence",
+                "The peer bundle's spiffe_sequence held here",
+                |s| i64::try_from(s.bundle_sequence).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for link in &links {
+                let labels = [("peer", link.cluster.as_str())];
+                family.encode_family(&labels)?.encode_gauge(&value(link))?;
+            }
+        }
+        Ok(())
+    }
+}

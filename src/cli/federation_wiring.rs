@@ -16,7 +16,7 @@ use crate::exit::{CliResult, ResultExt};
 
 #[path = "federation_adapters.rs"]
 mod adapters;
-pub use adapters::{FederatedCatalog, TunnelTransport};
+pub use adapters::{FederatedCatalog, FederationMetrics, TunnelTransport};
 
 /// The links a gateway config declares (`[[peers]]`), bootstrap bundles read from their files.
 pub fn links_from_config(config: &GatewayConfig) -> CliResult<Vec<Link>> {

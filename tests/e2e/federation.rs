@@ -228,6 +228,15 @@ async fn calls_fail_over_when_a_peer_gateway_stops() {
 async fn restart_during_partition_serves_cached_state_until_it_expires() {
     let (a, b, c) = three(false).await;
     sync_all(&[&a, &b, &c]).await;
+    let metrics = a.gateway.metrics().encode();
+    assert!(
+        metrics.contains(r#"meshgate_federation_link_up{peer="b"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"meshgate_federation_peer_bundle_sequence{peer="b"} "#),
+        "{metrics}"
+    );
     let b_td = b.td.clone();
     let b_stopped = b.stop().await; // the partition
     let a_stopped = a.stop().await;
@@ -262,6 +271,16 @@ async fn restart_during_partition_serves_cached_state_until_it_expires() {
     assert!(a.fed.routes("orders", "shop", None).is_empty());
     let status = a.fed.status(SystemTime::now());
     assert!(status.iter().all(|s| s.state == "expired"), "{status:?}");
+    // …and says so in metrics.
+    let metrics = a.gateway.metrics().encode();
+    assert!(
+        metrics.contains(r#"meshgate_federation_link_expired{peer="b"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"meshgate_federation_link_up{peer="b"} 0"#),
+        "{metrics}"
+    );
     let reply = a
         .client("/ns/shop/sa/web")
         .get("orders.shop.c.mesh", "/")

@@ -24,7 +24,7 @@ use crate::support::{Client, trust_domain};
 
 #[path = "../../src/cli/federation_adapters.rs"]
 mod adapters;
-use adapters::{FederatedCatalog, TunnelTransport};
+use adapters::{FederatedCatalog, FederationMetrics, TunnelTransport};
 
 pub const PERMIT_ALL: &str = r#"
 @id("mesh-open")
@@ -203,6 +203,7 @@ impl Member {
                 log: log.clone(),
                 catalog: Arc::new(FederatedCatalog(fed.clone())),
                 control: Some(Arc::new(FederatedCatalog(fed.clone()))),
+                collectors: vec![Box::new(FederationMetrics::new(&fed))],
             })
             .await;
             match started {

@@ -194,6 +194,7 @@ impl Cluster {
             log: log.clone(),
             catalog: catalog.clone(),
             control: None,
+            collectors: Vec::new(),
         })
         .await
         .unwrap();
