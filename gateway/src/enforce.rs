@@ -119,25 +119,42 @@ impl Enforcer {
         meta: &RequestMeta,
         reason: String,
     ) -> Enforced {
-        let mut record = DecisionRecordInput::from_decision(
+        self.record_unasked(
             facts,
-            &refused(facts, self.policy.version().to_string()),
-        );
-        record.decision = DecisionKind::Deny;
-        record.errors = vec![reason.clone()];
-        self.record(record, meta, Verdict::Deny(reason)).await
+            meta,
+            DecisionKind::Deny,
+            Verdict::Deny(reason.clone()),
+            reason,
+        )
+        .await
     }
 
     /// Records a request the gateway could not serve for an internal reason (no reachable
     /// peer, no caller token) and returns it as an error verdict.
     pub async fn fail(&self, facts: &RequestFacts, meta: &RequestMeta, reason: String) -> Enforced {
-        let mut record = DecisionRecordInput::from_decision(
+        self.record_unasked(
             facts,
-            &refused(facts, self.policy.version().to_string()),
-        );
-        record.decision = DecisionKind::Error;
-        record.errors = vec![reason.clone()];
-        self.record(record, meta, Verdict::Error(reason)).await
+            meta,
+            DecisionKind::Error,
+            Verdict::Error(reason.clone()),
+            reason,
+        )
+        .await
+    }
+
+    async fn record_unasked(
+        &self,
+        facts: &RequestFacts,
+        meta: &RequestMeta,
+        kind: DecisionKind,
+        verdict: Verdict,
+        reason: String,
+    ) -> Enforced {
+        let decision = refused(facts, self.policy.version().to_string());
+        let mut record = DecisionRecordInput::from_decision(facts, &decision);
+        record.decision = kind;
+        record.errors = vec![reason];
+        self.record(record, meta, verdict).await
     }
 
     fn charge(

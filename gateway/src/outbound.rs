@@ -269,17 +269,8 @@ async fn route(
         },
         Err(reason) => {
             labels.decision = "unauthenticated";
-            let enforced = shared.enforcer.refuse(&facts, &meta, reason.clone()).await;
-            let mut resp = respond::error(
-                StatusCode::UNAUTHORIZED,
-                &format!("meshgate: unauthenticated: {reason}"),
-            );
-            if let Verdict::Error(_) = enforced.verdict {
-                resp = respond::refusal(&enforced.verdict, StatusCode::UNAUTHORIZED);
-            }
-            respond::set_decision_id(&mut resp, &enforced.decision_id);
-            labels.status = resp.status().as_u16();
-            return (resp, labels);
+            let refusal = Refusal::Deny(StatusCode::UNAUTHORIZED, "unauthenticated: ");
+            return refuse_here(shared, &facts, &meta, labels, refusal, reason).await;
         }
     };
     facts.caller = caller.id.to_string();
@@ -293,11 +284,8 @@ async fn route(
     if headers::is_reserved_path(parts.uri.path()) {
         labels.decision = "deny";
         let reason = "`/.meshgate/` paths are reserved for gateways".to_owned();
-        let enforced = shared.enforcer.refuse(&facts, &meta, reason.clone()).await;
-        let mut resp = respond::error(StatusCode::FORBIDDEN, &format!("meshgate: {reason}"));
-        respond::set_decision_id(&mut resp, &enforced.decision_id);
-        labels.status = resp.status().as_u16();
-        return (resp, labels);
+        let refusal = Refusal::Deny(StatusCode::FORBIDDEN, "");
+        return refuse_here(shared, &facts, &meta, labels, refusal, reason).await;
     }
 
     // 2. The destination.
@@ -319,14 +307,8 @@ async fn route(
         Ok(r) => r,
         Err(reason) => {
             labels.decision = "unknown_destination";
-            let enforced = shared.enforcer.refuse(&facts, &meta, reason.clone()).await;
-            let mut resp = respond::error(
-                StatusCode::NOT_FOUND,
-                &format!("meshgate: unknown destination: {reason}"),
-            );
-            respond::set_decision_id(&mut resp, &enforced.decision_id);
-            labels.status = resp.status().as_u16();
-            return (resp, labels);
+            let refusal = Refusal::Deny(StatusCode::NOT_FOUND, "unknown destination: ");
+            return refuse_here(shared, &facts, &meta, labels, refusal, reason).await;
         }
     };
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -379,14 +361,47 @@ async fn route(
         return (response, labels);
     }
     labels.decision = "error";
-    labels.status = 503;
     let reason = format!("no reachable gateway for `{dest}`: {last_error}");
-    let enforced = shared.enforcer.fail(&facts, &meta, reason.clone()).await;
-    let mut resp = respond::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("meshgate: {reason}"),
-    );
+    refuse_here(shared, &facts, &meta, labels, Refusal::Failure, reason).await
+}
+
+/// What kind of refusal the source gateway makes itself.
+enum Refusal {
+    /// Denied: answered with this status, the message prefixed.
+    Deny(StatusCode, &'static str),
+    /// An internal failure (no reachable peer): 503.
+    Failure,
+}
+
+/// A refusal made at the source, before any route: recorded in this gateway's own log and
+/// answered with its decision id. If the record cannot be written, the answer says so (503).
+async fn refuse_here(
+    shared: &Shared,
+    facts: &meshgate_policy::RequestFacts,
+    meta: &RequestMeta,
+    mut labels: RequestLabels,
+    refusal: Refusal,
+    reason: String,
+) -> (Response<GatewayBody>, RequestLabels) {
+    let (enforced, status, prefix) = match refusal {
+        Refusal::Deny(status, prefix) => (
+            shared.enforcer.refuse(facts, meta, reason.clone()).await,
+            status,
+            prefix,
+        ),
+        Refusal::Failure => (
+            shared.enforcer.fail(facts, meta, reason.clone()).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "",
+        ),
+    };
+    let mut resp = match &enforced.verdict {
+        // The refusal itself could not be recorded: say that (503), not the refusal.
+        Verdict::Error(e) if *e != reason => respond::refusal(&enforced.verdict, status),
+        _ => respond::error(status, &format!("meshgate: {prefix}{reason}")),
+    };
     respond::set_decision_id(&mut resp, &enforced.decision_id);
+    labels.status = resp.status().as_u16();
     (resp, labels)
 }
 
