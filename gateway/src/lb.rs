@@ -196,23 +196,37 @@ pub fn pick_avoiding<'a>(
     }
 }
 
-/// A retry budget: retries may add at most `ratio` of the request volume, plus a small
-/// floor so a quiet service can still retry. Token arithmetic in thousandths.
+/// A retry budget (as Linkerd's): retries may add `ratio` of the request volume, and at least
+/// `min_per_sec` retries a second are always allowed, so a quiet service whose endpoints
+/// start failing can still retry around them. Token arithmetic in thousandths.
 #[derive(Debug)]
 pub struct RetryBudget {
     milli_tokens: AtomicU64,
     deposit_milli: u64,
     cap_milli: u64,
+    floor: Mutex<Floor>,
+    min_per_sec: f64,
+}
+
+#[derive(Debug)]
+struct Floor {
+    tokens: f64,
+    last: Option<Instant>,
 }
 
 impl RetryBudget {
-    /// `ratio` of requests may be retried (e.g. 0.2), with at most `cap` retries banked.
-    pub fn new(ratio: f64, cap: u32) -> Self {
-        let cap_milli = u64::from(cap) * 1000;
+    /// `ratio` of requests may be retried (e.g. 0.2), with at most `cap` retries banked, plus
+    /// `min_per_sec` retries a second whatever the volume.
+    pub fn new(ratio: f64, cap: u32, min_per_sec: u32) -> Self {
         Self {
-            milli_tokens: AtomicU64::new(cap_milli.min(3000)),
+            milli_tokens: AtomicU64::new(0),
             deposit_milli: (ratio.clamp(0.0, 1.0) * 1000.0) as u64,
-            cap_milli,
+            cap_milli: u64::from(cap) * 1000,
+            floor: Mutex::new(Floor {
+                tokens: f64::from(min_per_sec),
+                last: None,
+            }),
+            min_per_sec: f64::from(min_per_sec),
         }
     }
 
@@ -225,13 +239,32 @@ impl RetryBudget {
             });
     }
 
-    /// A retry withdraws one token; false means the budget is spent and the retry is skipped.
-    pub fn withdraw(&self) -> bool {
-        self.milli_tokens
+    /// A retry withdraws one token (from the ratio, else from the per-second floor); false
+    /// means the budget is spent and the retry is skipped.
+    pub fn withdraw(&self, now: Instant) -> bool {
+        let from_ratio = self
+            .milli_tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 t.checked_sub(1000)
             })
-            .is_ok()
+            .is_ok();
+        if from_ratio {
+            return true;
+        }
+        let Ok(mut floor) = self.floor.lock() else {
+            return false;
+        };
+        if let Some(last) = floor.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * self.min_per_sec;
+            floor.tokens = (floor.tokens + refill).min(self.min_per_sec);
+        }
+        floor.last = Some(now);
+        if floor.tokens >= 1.0 {
+            floor.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -350,14 +383,17 @@ mod tests {
     }
 
     #[test]
-    fn retry_budget_limits_retries_to_a_ratio() {
-        let budget = RetryBudget::new(0.2, 10);
-        // Drain the initial floor.
-        while budget.withdraw() {}
+    fn retry_budget_limits_retries_to_a_ratio_plus_a_floor() {
+        let budget = RetryBudget::new(0.2, 10, 10);
+        let t0 = Instant::now();
+        // The floor: 10 retries at once, then none until time passes.
+        let floor = (0..100).take_while(|_| budget.withdraw(t0)).count();
+        assert_eq!(floor, 10);
+        // Under volume, about 20 % of requests (at one instant: no floor refill).
         let mut retries = 0;
         for _ in 0..1000 {
             budget.deposit();
-            if budget.withdraw() {
+            if budget.withdraw(t0) {
                 retries += 1;
             }
         }
@@ -365,5 +401,8 @@ mod tests {
             (195..=200).contains(&retries),
             "{retries} retries for 1000 requests"
         );
+        // Half a second later the floor has 5 more.
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!((0..100).take_while(|_| budget.withdraw(later)).count(), 5);
     }
 }

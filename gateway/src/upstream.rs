@@ -181,7 +181,7 @@ impl UpstreamService {
             scheme,
             timeout: config.timeout,
             retries: config.retries,
-            budget: RetryBudget::new(0.2, 10),
+            budget: RetryBudget::new(0.2, 10, 10),
             in_flight: AtomicUsize::new(0),
         })
     }
@@ -244,7 +244,7 @@ impl UpstreamService {
                 }
             };
             attempt += 1;
-            if !retryable || attempt > self.retries || !self.budget.withdraw() {
+            if !retryable || attempt > self.retries || !self.budget.withdraw(Instant::now()) {
                 return outcome;
             }
             tracing::debug!(service = %self.name, endpoint = %endpoint.addr, attempt, "retrying upstream request");

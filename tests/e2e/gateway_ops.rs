@@ -155,13 +155,23 @@ async fn oversized_headers_and_slow_headers_are_cut_off() {
 #[tokio::test]
 async fn dead_endpoints_are_retried_around_and_ejected() {
     let live = echo_upstream().await;
-    // A port with nothing listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Two broken endpoints that accept and hang up at once, counting the connections they
+    // get: proof that the gateway really tried them (and retried around them).
+    let mut broken = Vec::new();
+    let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        broken.push(listener.local_addr().unwrap().to_string());
+        let tries = tries.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(tcp);
+            }
+        });
+    }
     let mut svc = service("catalog", "shop", live, &[]);
-    svc.endpoints = vec![dead.to_string(), live.to_string()];
+    svc.endpoints = vec![broken[0].clone(), broken[1].clone(), live.to_string()];
     svc.retries = 2;
     let east = Cluster::start(Spec {
         name: "east",
@@ -183,9 +193,15 @@ async fn dead_endpoints_are_retried_around_and_ejected() {
             reply.text()
         );
     }
+    // The broken endpoints were tried, and every such failure was retried around: none
+    // reached a caller.
+    assert!(
+        tries.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the broken endpoints were never tried"
+    );
     let metrics = east.gateway.metrics().encode();
     assert!(
-        metrics.contains("meshgate_upstream_failures_total"),
+        metrics.contains("meshgate_upstream_failures_total 0"),
         "{metrics}"
     );
 }
