@@ -1,6 +1,6 @@
 //! One cluster's runtime: everything `meshgate gateway` runs, built from a config — the
 //! state, issuer, policy engine, decision log, federation, gateway, issuer API, admin socket,
-//! mesh DNS and periodic checkpoints. `meshgate gateway` runs one; `meshgate demo` runs three
+//! mesh DNS. The decision log signs its own checkpoints (one per flush batch). `meshgate gateway` runs one; `meshgate demo` runs three
 //! in one process.
 
 use std::sync::Arc;
@@ -10,16 +10,12 @@ use meshgate_federation::{Federation, MeshDns};
 use meshgate_gateway::{BoundAddrs, Gateway, GatewayConfig, GatewayParts};
 use meshgate_identity::{BundleSet, Issuer, SpiffeId, SvidCertResolver};
 use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter, QuotaSpec};
-use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminContext, AdminServer, Registry};
 use crate::cli::audit::checkpoint_signer;
 use crate::cli::federation_wiring::{self, FederatedCatalog, FederationMetrics};
 use crate::exit::{CliError, CliResult, ResultExt};
 use crate::state::State;
-
-/// How often a running gateway signs a checkpoint of its decision log.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
 /// A cluster opened from its config, not yet serving (`meshgate gateway --check` stops here).
 pub struct Prepared {
@@ -45,7 +41,6 @@ pub struct Running {
     mesh_dns: Option<MeshDns>,
     issuer_api: Option<std::net::SocketAddr>,
     stop: tokio::sync::watch::Sender<bool>,
-    checkpoints: JoinHandle<()>,
 }
 
 impl Prepared {
@@ -71,8 +66,23 @@ impl Prepared {
             ),
             None => None,
         };
+        if meshgate_policy::sled_log_present(state.db()).internal_err()? {
+            return Err(CliError::internal(anyhow::anyhow!(
+                "`{}` holds a decision log in the old format (inside `db/`); stop here and run `meshgate audit migrate {}` once, then start the gateway again",
+                config.state_dir.display(),
+                config.state_dir.display()
+            )));
+        }
         let signer = checkpoint_signer(&state).internal_err()?;
-        let log = Arc::new(DecisionLog::open(state.db(), Some(signer)).internal_err()?);
+        let log = Arc::new(
+            DecisionLog::open(&state.audit_dir(), Some(signer), config.audit.log_options())
+                .internal_ctx(|| {
+                    format!(
+                        "cannot open the decision log in `{}`",
+                        state.audit_dir().display()
+                    )
+                })?,
+        );
         let bundles = BundleSet::new();
         let links = federation_wiring::links_from_config(&config)?;
         let federation =
@@ -140,17 +150,6 @@ impl Prepared {
             Some(addr) => Some(serve_issuer(&issuer, &config, addr, stop_rx).await?),
             None => None,
         };
-        let checkpoint_log = log.clone();
-        let checkpoints = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if let Err(e) = checkpoint_log.checkpoint(SystemTime::now()) {
-                    tracing::error!(error = %e, "cannot sign a decision-log checkpoint");
-                }
-            }
-        });
         Ok(Running {
             gateway,
             issuer,
@@ -161,7 +160,6 @@ impl Prepared {
             mesh_dns,
             issuer_api,
             stop,
-            checkpoints,
         })
     }
 }
@@ -227,7 +225,6 @@ impl Running {
     /// the gateway.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        self.checkpoints.abort();
         self.admin.shutdown().await;
         self.gateway.shutdown().await;
         // A final signed checkpoint, so the log's last head is witnessed at shutdown.

@@ -3,7 +3,8 @@
 //! Layout:
 //! ```text
 //! STATE/            mode 0700
-//!   db/             the one sled database (identity, registration, decision log, peers)
+//!   db/             the one sled database (identity, registration, peers)
+//!   audit/          the decision log: append-only segment files (see meshgate-policy)
 //!   keys/           mode 0700; private keys as PKCS#8 PEM files, mode 0600
 //!   admin.sock      the running gateway's admin socket (mode 0600), when one runs
 //! ```
@@ -95,6 +96,11 @@ impl State {
     /// Where private keys live (0700 directory, 0600 files).
     pub fn keys_dir(&self) -> PathBuf {
         self.root.join("keys")
+    }
+
+    /// The decision log's directory (segment files, pinned key, anchor).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
     }
 
     /// The admin socket of a running gateway.

@@ -41,6 +41,46 @@ pub struct GatewayConfig {
     /// Identity settings.
     #[serde(default)]
     pub identity: IdentitySettings,
+    /// The decision log.
+    #[serde(default)]
+    pub audit: AuditSettings,
+}
+
+/// How the decision log is written (`[audit]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// `"process"`: a decision is written to the OS before its answer leaves (it survives the
+    /// gateway being killed) and synced to disk within `sync_interval` (a power loss costs at
+    /// most that window). `"power"`: a decision is synced to disk before its answer leaves
+    /// (group commit; it survives power loss, and every request waits for a disk sync).
+    pub durability: meshgate_policy::Durability,
+    /// Process mode: the longest time between two disk syncs while decisions are written.
+    #[serde(deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
+    /// A log segment is closed past this many MiB (retention removes whole segments).
+    pub segment_mib: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            durability: meshgate_policy::Durability::Process,
+            sync_interval: Duration::from_millis(10),
+            segment_mib: 64,
+        }
+    }
+}
+
+impl AuditSettings {
+    /// The decision log's options.
+    pub fn log_options(&self) -> meshgate_policy::LogOptions {
+        meshgate_policy::LogOptions {
+            durability: self.durability,
+            sync_interval: self.sync_interval,
+            segment_bytes: self.segment_mib.max(1) << 20,
+        }
+    }
 }
 
 /// Listener addresses. Port 0 picks a free port (tests).

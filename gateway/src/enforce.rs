@@ -200,7 +200,7 @@ impl Enforcer {
         record.trace_id = Some(meta.trace_id.clone());
         record.source_gateway = Some(meta.source_gateway.clone());
         record.status = Some(status_of(&verdict));
-        match self.log.append_durable(record).await {
+        match self.log.append_durable(&record).await {
             Ok(_) => Enforced {
                 decision_id: request_id.to_owned(),
                 verdict,

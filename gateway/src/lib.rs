@@ -30,8 +30,8 @@ mod upstream;
 pub use caller::{CALLER_TOKEN_HEADER, audience};
 pub use catalog::{Catalog, ControlHandler, PeerRoute, Route, StaticCatalog};
 pub use config::{
-    GatewayConfig, IdentitySettings, Limits, Listeners, PeerConfig, PolicyConfig, ServiceConfig,
-    parse_duration,
+    AuditSettings, GatewayConfig, IdentitySettings, Limits, Listeners, PeerConfig, PolicyConfig,
+    ServiceConfig, parse_duration,
 };
 pub use dest::{Destination, DestinationError, Resolver};
 pub use enforce::{Enforced, Enforcer, RequestMeta, Verdict};

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshgate_policy::{
-    DecisionLog, DecisionRecordInput, PolicyEngine, QuotaLimiter, QuotaResult, QuotaSpec,
-    RequestFacts, SourceFile,
+    CheckpointSigner, DecisionLog, DecisionRecordInput, Durability, LogOptions, PolicyEngine,
+    QuotaLimiter, QuotaResult, QuotaSpec, RequestFacts, SourceFile,
 };
 
 fn policies(n: usize) -> Vec<SourceFile> {
@@ -133,36 +133,58 @@ fn quota_accuracy(_c: &mut Criterion) {
 }
 
 fn log_appends(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new()
-        .path(dir.path())
-        .cache_capacity(8 << 20)
-        .open()
-        .unwrap();
-    let log = DecisionLog::open(&db, None).unwrap();
     let engine = PolicyEngine::from_sources(&policies(10), None).unwrap();
     let f = facts(3);
     let input = DecisionRecordInput::from_decision(&f, &engine.decide(&f));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut group = c.benchmark_group("log_append");
     group.sample_size(10);
-    group.bench_function("flush_each", |b| {
-        b.iter(|| log.append(input.clone()).unwrap())
-    });
-    group.bench_function("group_commit_8_threads", |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..8 {
-                    s.spawn(|| {
-                        for _ in 0..iters.div_ceil(8) {
-                            log.append_batched(input.clone()).unwrap();
-                        }
-                    });
-                }
-            });
-            start.elapsed()
+    for durability in [Durability::Process, Durability::Power] {
+        let dir = tempfile::tempdir().unwrap();
+        let (signer, _) = CheckpointSigner::generate().unwrap();
+        let log = Arc::new(
+            DecisionLog::open(
+                dir.path(),
+                Some(signer),
+                LogOptions {
+                    durability,
+                    ..LogOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        // One request at a time: the latency a request pays for its record.
+        group.bench_function(format!("{durability:?}_one_at_a_time"), |b| {
+            b.iter(|| rt.block_on(log.append_durable(&input)).unwrap())
         });
-    });
+        // 64 requests at once (a loaded gateway): the cost per record.
+        group.bench_function(format!("{durability:?}_64_concurrent"), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..64)
+                        .map(|_| {
+                            let log = log.clone();
+                            let input = input.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..iters.div_ceil(64) {
+                                    log.append_durable(&input).await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                });
+                start.elapsed()
+            });
+        });
+    }
     group.finish();
 }
 

@@ -6,7 +6,8 @@
 //!   beside it and never enforced. Reloads swap the set atomically; an invalid set is refused.
 //! - [`QuotaLimiter`] charges `@quota` annotations (GCRA, sharded, bounded memory, time
 //!   passed in).
-//! - [`DecisionLog`] is the hash-chained, checkpoint-signed decision log in sled.
+//! - [`DecisionLog`] is the hash-chained, checkpoint-signed decision log: append-only
+//!   segment files with a signed head per flush batch.
 //!
 //! This crate knows nothing of sockets or TLS; the gateway hands it facts and a sled `Db`.
 
@@ -27,7 +28,8 @@ pub use facts::{FactsError, HIDDEN_HEADERS, RequestFacts};
 pub use load::{LINKS_FILE, LoadError, LoadStats, MESH_SCHEMA, PolicyVersion, SourceFile};
 pub use log::{
     Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, DecisionRecordInput,
-    Filter, GENESIS_HASH, LogError, PruneReport, Tamper, VerifyReport, new_decision_id,
+    Durability, Filter, GENESIS_HASH, LogError, LogOptions, MigrateReport, PruneReport, Receipt,
+    Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
 };
 pub use path::{MAX_PATH_LEN, PathError, normalize_path};
 pub use quota::{QuotaKey, QuotaLimiter, QuotaParseError, QuotaResult, QuotaSpec};

@@ -413,8 +413,7 @@ expect = "allow"
         let old = engine(r#"@id("all") permit (principal, action, resource);"#);
         let new = engine(r#"@id("gets") permit (principal, action == Action::"GET", resource);"#);
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let log = DecisionLog::open(&db, None).unwrap();
+        let log = DecisionLog::open(dir.path(), None, crate::LogOptions::default()).unwrap();
         for m in ["GET", "POST", "DELETE"] {
             let f = crate::engine::tests::facts(
                 "spiffe://east.example/ns/shop/sa/web",

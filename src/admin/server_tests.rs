@@ -34,12 +34,8 @@ struct Fixture {
 
 async fn start() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new()
-        .path(dir.path().join("db"))
-        .cache_capacity(1 << 20)
-        .open()
-        .unwrap();
-    let log = Arc::new(DecisionLog::open(&db, None).unwrap());
+    let log =
+        Arc::new(DecisionLog::open(&dir.path().join("audit"), None, Default::default()).unwrap());
     let mut registry = Registry::new();
     registry.add(|cmd: Echo, items| {
         for i in 0..cmd.count {

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -88,6 +88,13 @@ pub enum AuditCommand {
         /// The state directory.
         state: PathBuf,
     },
+    /// Move a decision log of an earlier version (kept inside `db/`) into the segment files
+    /// of `audit/`, byte for byte, verify it there, then drop the old copy. Run it once with
+    /// no gateway running; a gateway refuses to start until it is done.
+    Migrate {
+        /// The state directory.
+        state: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -163,8 +170,52 @@ impl AuditCommand {
                 print_json(&cp)?;
                 Ok(Outcome::Yes)
             }
+            Self::Migrate { state } => migrate(&state),
         }
     }
+}
+
+/// `meshgate audit migrate`: refuses a running gateway (it holds the state), copies, records
+/// the migration as an admin event in the new log.
+fn migrate(state: &Path) -> CliResult<Outcome> {
+    if AdminClient::live(state)?.is_some() {
+        return Err(CliError::internal(anyhow!(
+            "a gateway is running on `{}`; stop it, migrate, start it again",
+            state.display()
+        )));
+    }
+    let st = State::open(state).internal_err()?;
+    if !meshgate_policy::sled_log_present(st.db()).internal_err()? {
+        println!(
+            "nothing to migrate: `{}` holds no decision log in the old format",
+            state.display()
+        );
+        return Ok(Outcome::Yes);
+    }
+    let report = meshgate_policy::migrate_from_sled(st.db(), &st.audit_dir()).internal_err()?;
+    record_admin(
+        &st,
+        &format!(
+            "audit migrate ({} records, {} checkpoints)",
+            report.records, report.checkpoints
+        ),
+    )?;
+    println!(
+        "migrated {} records (head seq {}) and {} checkpoints into `{}`{}",
+        report.records,
+        report.head_seq,
+        report.checkpoints,
+        st.audit_dir().display(),
+        if report.skipped_checkpoints > 0 {
+            format!(
+                "; {} checkpoints signed by another key were left out",
+                report.skipped_checkpoints
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(Outcome::Yes)
 }
 
 /// What the audit commands need from a decision log, wherever it is.
@@ -216,8 +267,7 @@ impl AuditBackend for LocalBackend {
         self.log.checkpoints().internal_err()
     }
     fn checkpoint(&self, who: &str) -> CliResult<Checkpoint> {
-        let signer = checkpoint_signer(&self.state).internal_err()?;
-        let log = DecisionLog::open(self.state.db(), Some(signer)).internal_err()?;
+        let log = open_appender(&self.state)?;
         log.append_admin_event(who, "audit checkpoint", SystemTime::now())
             .internal_err()?;
         log.checkpoint(SystemTime::now()).internal_err()
@@ -260,20 +310,16 @@ pub fn backend(state: &Path) -> CliResult<Box<dyn AuditBackend>> {
         return Ok(Box::new(client));
     }
     let state = State::open(state).internal_err()?;
-    // Verify against the key file too (not only the key pinned inside the database), so a
-    // rewritten pin cannot make another key's checkpoints pass.
-    let (log, key_mismatch) = match existing_checkpoint_signer(&state)? {
-        Some(signer) => match DecisionLog::open(state.db(), Some(signer)) {
-            Ok(log) => (log, None),
-            Err(meshgate_policy::LogError::KeyMismatch { pinned, given }) => {
-                let what = format!(
-                    "the checkpoint key pinned in the log (`{pinned}`) is not `keys/{CHECKPOINT_KEY_FILE}` (`{given}`)"
-                );
-                (open_log_at(&state)?, Some(what))
-            }
-            Err(e) => return Err(CliError::internal(e)),
-        },
-        None => (open_log_at(&state)?, None),
+    // Verify against the key file too (not only the key pinned in the log), so a rewritten
+    // pin cannot make another key's checkpoints pass.
+    let signer = existing_checkpoint_signer(&state)?;
+    let log = open_reader(&state, signer.as_ref())?;
+    let key_mismatch = match (&signer, log.pinned_key()) {
+        (Some(s), Some(pinned)) if pinned != s.public_key_hex() => Some(format!(
+            "the checkpoint key pinned in the log (`{pinned}`) is not `keys/{CHECKPOINT_KEY_FILE}` (`{}`)",
+            s.public_key_hex()
+        )),
+        _ => None,
     };
     Ok(Box::new(LocalBackend {
         state,
@@ -291,24 +337,47 @@ fn existing_checkpoint_signer(state: &State) -> CliResult<Option<CheckpointSigne
     checkpoint_signer(state).map(Some).internal_err()
 }
 
-fn open_log_at(state: &State) -> CliResult<DecisionLog> {
-    DecisionLog::open(state.db(), None).internal_ctx(|| {
+/// Refuses a state whose decision log still has the old format.
+fn refuse_old_format(state: &State) -> CliResult<()> {
+    if meshgate_policy::sled_log_present(state.db()).internal_err()? {
+        return Err(CliError::internal(anyhow!(
+            "`{}` holds a decision log in the old format; run `meshgate audit migrate {}` first",
+            state.root().display(),
+            state.root().display()
+        )));
+    }
+    Ok(())
+}
+
+/// The state's decision log opened to read (an empty log if none was written yet).
+fn open_reader(state: &State, signer: Option<&CheckpointSigner>) -> CliResult<DecisionLog> {
+    refuse_old_format(state)?;
+    let dir = state.audit_dir();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .internal_ctx(|| format!("cannot create `{}`", dir.display()))?;
+    DecisionLog::open_read_only(&dir, signer)
+        .internal_ctx(|| format!("cannot open the decision log in `{}`", dir.display()))
+}
+
+/// The state's decision log opened to append (no gateway may be running on it).
+fn open_appender(state: &State) -> CliResult<DecisionLog> {
+    refuse_old_format(state)?;
+    let signer = checkpoint_signer(state).internal_err()?;
+    DecisionLog::open(&state.audit_dir(), Some(signer), Default::default()).internal_ctx(|| {
         format!(
             "cannot open the decision log in `{}`",
-            state.root().display()
+            state.audit_dir().display()
         )
     })
 }
 
-/// Opens the state directory and its decision log; unreadable state is exit 3.
+/// Opens the state directory and its decision log to read; unreadable state is exit 3.
 pub fn open_log(state: &Path) -> CliResult<(State, DecisionLog)> {
     let state = State::open(state).internal_err()?;
-    let log = DecisionLog::open(state.db(), None).internal_ctx(|| {
-        format!(
-            "cannot open the decision log in `{}`",
-            state.root().display()
-        )
-    })?;
+    let log = open_reader(&state, None)?;
     Ok((state, log))
 }
 
@@ -442,9 +511,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Records an admin action taken on a state opened directly (no gateway running): who,
 /// what, when. Fails closed: an action that cannot be recorded is not taken.
 pub fn record_admin(state: &State, what: &str) -> CliResult<()> {
-    let signer = checkpoint_signer(state).internal_err()?;
-    let log = DecisionLog::open(state.db(), Some(signer))
-        .internal_ctx(|| "cannot open the decision log to record the admin action")?;
+    let log = open_appender(state)?;
     log.append_admin_event(&whoami(), what, SystemTime::now())
         .internal_ctx(|| "cannot record the admin action; nothing was changed")?;
     Ok(())

@@ -14,7 +14,6 @@ use clap::Subcommand;
 use meshgate_federation::witness::WitnessFile;
 use meshgate_federation::{Federation, Link, LinkStatus, Store, status_from_db};
 use meshgate_identity::TrustDomain;
-use meshgate_policy::DecisionLog;
 use serde::{Deserialize, Serialize};
 
 use super::print_json;
@@ -334,11 +333,7 @@ fn witness_file(store: &Store, witness: &str, td: &str) -> anyhow::Result<Witnes
 
 /// Records a state-direct admin action in the decision log (CONTRACTS.md).
 fn admin_event(state: &State, what: &str) -> CliResult<()> {
-    let who = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
-    let log = DecisionLog::open(state.db(), None).internal_err()?;
-    log.append_admin_event(&who, what, SystemTime::now())
-        .internal_err()?;
-    Ok(())
+    super::audit::record_admin(state, what)
 }
 
 /// `meshgate audit verify --witnesses FILE…`: checks the local chain against the heads peers

@@ -203,7 +203,8 @@ async fn calls_fail_over_when_a_peer_gateway_stops() {
         statuses
     });
     let b_log = b.log.clone();
-    b.stop().await;
+    // Keep b's state directory: its log is read below.
+    let _b_state = b.stop().await;
     let statuses = traffic.await.unwrap();
     assert!(
         statuses.iter().all(|(s, _)| *s == StatusCode::OK),
@@ -316,9 +317,8 @@ async fn peers_witness_decision_logs_and_a_rewrite_is_detected() {
     // Root on b rewrites history with b's own key: a whole new chain, re-signed. Its own
     // verification passes; the witnessed heads expose it.
     let forged_dir = tempfile::tempdir().unwrap();
-    let forged_db = sled::Config::new().path(forged_dir.path()).open().unwrap();
     let signer = CheckpointSigner::from_pkcs8_der(&b.signer_der).unwrap();
-    let forged = DecisionLog::open(&forged_db, Some(signer)).unwrap();
+    let forged = DecisionLog::open(forged_dir.path(), Some(signer), Default::default()).unwrap();
     let records = b.log.query(&Filter::default()).unwrap();
     for (i, _) in records.iter().enumerate() {
         let what = if i == 1 {
@@ -348,11 +348,8 @@ async fn peers_witness_decision_logs_and_a_rewrite_is_detected() {
     assert!(admitted.conflicts[0].contains("rewritten"), "{admitted:?}");
     // And a head signed by another key is refused outright.
     let (other, _) = CheckpointSigner::generate().unwrap();
-    let stranger = DecisionLog::open(
-        &sled::Config::new().temporary(true).open().unwrap(),
-        Some(other),
-    )
-    .unwrap();
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let stranger = DecisionLog::open(stranger_dir.path(), Some(other), Default::default()).unwrap();
     let alien = stranger.checkpoint(SystemTime::now()).unwrap();
     let admitted = witness::admit(&held, Some(&held[0].public_key), &[alien]);
     assert!(

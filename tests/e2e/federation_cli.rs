@@ -119,8 +119,8 @@ fn audit_verify_with_witnesses_detects_a_rewritten_resigned_log() {
     // peer holds when east's log is rewritten and re-signed after the peer witnessed it.
     let pem = std::fs::read_to_string(east.join("keys/audit-checkpoint.pem")).unwrap();
     let signer = CheckpointSigner::from_pkcs8_pem(&pem).unwrap();
-    let other = sled::Config::new().temporary(true).open().unwrap();
-    let other_log = DecisionLog::open(&other, Some(signer)).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let other_log = DecisionLog::open(other.path(), Some(signer), Default::default()).unwrap();
     for _ in 0..head.seq {
         other_log
             .append(DecisionRecordInput::admin(

@@ -90,6 +90,22 @@ fn open_db(dir: &Path) -> sled::Db {
     config.open().unwrap()
 }
 
+/// Opens the decision log; after a stop, tasks of the stopped gateway may hold it (and its
+/// lock) for a moment, so wait until it is released.
+async fn open_log(dir: &Path, signer_der: &[u8]) -> DecisionLog {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let signer = CheckpointSigner::from_pkcs8_der(signer_der).unwrap();
+        match DecisionLog::open(&dir.join("audit"), Some(signer), Default::default()) {
+            Ok(log) => return log,
+            Err(meshgate_policy::LogError::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("decision log not released: {e}"),
+        }
+    }
+}
+
 /// Reopens a state database after a stop: tasks of the stopped gateway may still hold it for
 /// a moment (sled allows one opener), so wait until it is released.
 async fn reopen_db(dir: &Path) -> sled::Db {
@@ -149,6 +165,7 @@ impl Member {
                 ..Limits::default()
             },
             identity: Default::default(),
+            audit: Default::default(),
         };
         let (_, der) = CheckpointSigner::generate().unwrap();
         Self::boot(dir, db, config, der, spec.options, spec.autostart).await
@@ -165,8 +182,7 @@ impl Member {
         let issuer = Arc::new(Issuer::open(&db, &dir.path().join("keys")).unwrap());
         let td = issuer.trust_domain().clone();
         let policy = Arc::new(PolicyEngine::load(&config.policy.dir, None).unwrap());
-        let signer = CheckpointSigner::from_pkcs8_der(&signer_der).unwrap();
-        let log = Arc::new(DecisionLog::open(&db, Some(signer)).unwrap());
+        let log = Arc::new(open_log(dir.path(), &signer_der).await);
         let bundles = BundleSet::new();
         let local = LocalCluster {
             cluster: config.cluster.clone(),

@@ -142,7 +142,9 @@ impl Cluster {
         std::fs::write(policy_dir.join("policy.cedar"), spec.policies).unwrap();
         let policy = Arc::new(PolicyEngine::load(&policy_dir, None).unwrap());
         let default_quota = spec.default_quota.map(|q| q.parse().unwrap());
-        let log = Arc::new(DecisionLog::open(&db, None).unwrap());
+        let log = Arc::new(
+            DecisionLog::open(&dir.path().join("audit"), None, Default::default()).unwrap(),
+        );
         let catalog = Arc::new(TestCatalog {
             cluster: spec.name.to_owned(),
             ..Default::default()
@@ -181,6 +183,7 @@ impl Cluster {
             routes: BTreeMap::new(),
             limits: Limits::default(),
             identity: Default::default(),
+            audit: Default::default(),
         };
         let mut config = config;
         adjust(&mut config);
@@ -568,4 +571,47 @@ pub fn find_record(log: &DecisionLog, id: &str) -> Option<meshgate_policy::Decis
         .unwrap()
         .into_iter()
         .find(|r| r.id == id)
+}
+
+/// Rewrites the body of record `seq` in a state's decision log (segment files under
+/// `STATE/audit/`) with `edit`, keeping its stored hash: what someone with write access to the
+/// disk, but not the checkpoint key, can do. Frames: `u32 LE length | kind | payload`, a
+/// record's payload `hash (32) || body`, after a 16-byte segment header.
+pub fn edit_record(state: &std::path::Path, seq: u64, edit: impl Fn(String) -> String) {
+    let mut segments: Vec<_> = std::fs::read_dir(state.join("audit"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("seg-"))
+        .collect();
+    segments.sort();
+    for path in segments {
+        let bytes = std::fs::read(&path).unwrap();
+        let mut out = bytes[..16].to_vec();
+        let mut at = 16;
+        let mut found = false;
+        while at + 5 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let kind = bytes[at + 4];
+            let payload = &bytes[at + 5..at + 5 + len];
+            let body = &payload[32.min(payload.len())..];
+            let prefix = format!("{{\"seq\":{seq},");
+            if kind == 1 && body.starts_with(prefix.as_bytes()) {
+                let new = edit(String::from_utf8(body.to_vec()).unwrap());
+                let mut p = payload[..32].to_vec();
+                p.extend_from_slice(new.as_bytes());
+                out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+                out.push(kind);
+                out.extend_from_slice(&p);
+                found = true;
+            } else {
+                out.extend_from_slice(&bytes[at..at + 5 + len]);
+            }
+            at += 5 + len;
+        }
+        if found {
+            std::fs::write(&path, out).unwrap();
+            return;
+        }
+    }
+    panic!("record {seq} not found in {}", state.display());
 }

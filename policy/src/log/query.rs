@@ -1,4 +1,5 @@
-//! Reading the log: filtered queries, JSON-lines export, and pruning by age.
+//! Reading the log: filtered queries, JSON-lines export, every checkpoint, and pruning of
+//! whole segments by age.
 
 use std::io::Write;
 use std::time::SystemTime;
@@ -6,7 +7,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::record::{self, DecisionKind, DecisionRecord};
-use super::{Checkpoint, DecisionLog, LogError, META_ANCHOR, key_seq};
+use super::segment::{self, KIND_CHECKPOINT, KIND_RECORD, ReadStop};
+use super::{ANCHOR_FILE, Checkpoint, DecisionLog, LogError, io_err, write_atomic};
 
 /// Which records a query returns; every set field must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,13 +53,23 @@ impl Filter {
 pub struct PruneReport {
     /// Records removed.
     pub removed: u64,
+    /// Segment files removed.
+    pub segments: u64,
     /// The signed anchor the retained log now starts after (`None` when nothing was pruned).
     pub anchor: Option<Checkpoint>,
 }
 
+/// One frame of the log, as the readers see it.
+pub(crate) enum Item {
+    /// A record: its stored hash and body.
+    Record { hash: [u8; 32], body: Vec<u8> },
+    /// A signed head (decoded with the pinned key).
+    Checkpoint(Checkpoint),
+}
+
 impl DecisionLog {
-    /// Every record matching `filter`, oldest first. A stored value that cannot be decoded
-    /// is an error (run `verify` to locate it).
+    /// Every record matching `filter`, oldest first. A record that cannot be decoded is an
+    /// error (run `verify` to locate it).
     pub fn query(&self, filter: &Filter) -> Result<Vec<DecisionRecord>, LogError> {
         let mut out = Vec::new();
         self.for_each(|r| {
@@ -71,13 +83,82 @@ impl DecisionLog {
 
     /// Calls `f` on every record, oldest first, until it returns `false`.
     pub fn for_each(&self, mut f: impl FnMut(DecisionRecord) -> bool) -> Result<(), LogError> {
-        for item in self.records.iter() {
-            let (k, v) = item?;
-            let seq = key_seq(&k).unwrap_or(0);
-            let r = record::decode(&v)
-                .ok_or_else(|| LogError::Encoding(format!("record {seq} cannot be decoded")))?;
-            if !f(r) {
-                break;
+        self.scan(|item| match item {
+            Item::Record { hash, body } => {
+                let seq = super::body_seq(&body).unwrap_or(0);
+                let mut r: DecisionRecord = serde_json::from_slice(&body).map_err(|e| {
+                    LogError::Encoding(format!("record {seq} cannot be decoded: {e}"))
+                })?;
+                r.hash = hex::encode(hash);
+                Ok(f(r))
+            }
+            Item::Checkpoint(_) => Ok(true),
+        })
+    }
+
+    /// Every signed head stored in the log, oldest first (the prune anchor, if any, first).
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, LogError> {
+        let mut out: Vec<Checkpoint> = self.anchor()?.into_iter().collect();
+        self.scan(|item| {
+            if let Item::Checkpoint(cp) = item {
+                out.push(cp);
+            }
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Walks every frame of every segment in order, until `f` returns `false`. A damaged
+    /// frame is an error; a frame cut short at the end of the last segment (a write in
+    /// progress, or interrupted) ends the walk.
+    pub(crate) fn scan(
+        &self,
+        mut f: impl FnMut(Item) -> Result<bool, LogError>,
+    ) -> Result<(), LogError> {
+        let segments = segment::list(&self.dir).map_err(io_err(&self.dir))?;
+        let key = self.pinned_key().map(str::to_owned);
+        for (i, (_, path)) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            let mut reader = match segment::Reader::open(path) {
+                Ok(r) => r,
+                Err(ReadStop::Torn { .. }) if last => return Ok(()),
+                Err(e) => return Err(stop_error(path, e)),
+            };
+            loop {
+                let frame = match reader.next_frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(ReadStop::Torn { .. }) if last => return Ok(()),
+                    Err(e) => return Err(stop_error(path, e)),
+                };
+                let item = match frame.kind {
+                    KIND_RECORD => {
+                        let Some((hash, body)) = record::split(&frame.payload) else {
+                            return Err(LogError::Encoding(format!(
+                                "`{}`: record frame at byte {} is too short",
+                                path.display(),
+                                frame.offset
+                            )));
+                        };
+                        let mut h = [0u8; 32];
+                        h.copy_from_slice(hash);
+                        Item::Record {
+                            hash: h,
+                            body: body.to_vec(),
+                        }
+                    }
+                    KIND_CHECKPOINT => match key
+                        .as_deref()
+                        .and_then(|k| segment::decode_checkpoint(&frame.payload, k))
+                    {
+                        Some(cp) => Item::Checkpoint(cp),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                if !f(item)? {
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -87,36 +168,33 @@ impl DecisionLog {
     /// `record` module); returns how many.
     pub fn export_jsonl(&self, out: &mut dyn Write) -> Result<u64, LogError> {
         let mut n = 0u64;
-        let mut io_err = None;
-        self.for_each(|r| {
-            let line = serde_json::to_string(&r).map_err(|e| e.to_string());
-            let res = line.and_then(|l| writeln!(out, "{l}").map_err(|e| e.to_string()));
-            match res {
-                Ok(()) => {
-                    n += 1;
-                    true
-                }
-                Err(e) => {
-                    io_err = Some(e);
-                    false
-                }
+        self.scan(|item| {
+            if let Item::Record { hash, body } = item {
+                // The canonical line: the stored body with `hash` as its last member.
+                let Some(open) = body.strip_suffix(b"}") else {
+                    return Err(LogError::Encoding("a record body is not an object".into()));
+                };
+                out.write_all(open)
+                    .and_then(|()| writeln!(out, ",\"hash\":\"{}\"}}", hex::encode(hash)))
+                    .map_err(|e| LogError::Encoding(format!("export failed: {e}")))?;
+                n += 1;
             }
+            Ok(true)
         })?;
-        match io_err {
-            Some(e) => Err(LogError::Encoding(format!("export failed: {e}"))),
-            None => Ok(n),
-        }
+        Ok(n)
     }
 
-    /// Removes the oldest records whose time is before `before`, after signing a checkpoint
-    /// of the last removed record and storing it as the anchor the retained log starts
-    /// after, so the chain stays verifiable. Needs the checkpoint signer.
+    /// Removes the oldest whole segments whose every record is older than `before` (never
+    /// the segment being written), after signing the head of the last removed record and
+    /// storing it as the anchor the retained log starts after, so the chain stays
+    /// verifiable. Needs the checkpoint signer and refuses a log that does not verify.
     pub fn prune_before(
         &self,
         before: SystemTime,
         now: SystemTime,
     ) -> Result<PruneReport, LogError> {
-        let signer = self.signer.as_ref().ok_or(LogError::NoSigner)?;
+        let shared = self.shared()?;
+        let signer = shared.signer.as_ref().ok_or(LogError::NoSigner)?;
         // Never bless a tampered prefix with a signed anchor.
         let report = self.verify()?;
         if let Some(first) = report.problems.first() {
@@ -125,17 +203,34 @@ impl DecisionLog {
                 first.seq, first.what
             )));
         }
+        let segments = segment::list(&self.dir).map_err(io_err(&self.dir))?;
+        let current = shared
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_seq;
+        let mut doomed = Vec::new();
         let mut last: Option<(u64, String)> = None;
-        self.for_each(|r| {
-            let old = r.system_time().is_some_and(|t| t < before);
-            if old {
-                last = Some((r.seq, r.hash));
+        let mut removed = 0u64;
+        for (first, path) in &segments {
+            if *first >= current {
+                break;
             }
-            old
-        })?;
+            let (count, newest) = segment_records(path)?;
+            match newest {
+                Some((seq, hash, time)) if time.is_some_and(|t| t < before) => {
+                    removed += count;
+                    last = Some((seq, hash));
+                    doomed.push(path.clone());
+                }
+                Some(_) => break,
+                None => doomed.push(path.clone()),
+            }
+        }
         let Some((seq, hash)) = last else {
             return Ok(PruneReport {
                 removed: 0,
+                segments: 0,
                 anchor: None,
             });
         };
@@ -146,24 +241,49 @@ impl DecisionLog {
             &crate::timefmt::to_rfc3339(now),
         )?;
         let json = serde_json::to_vec(&anchor).map_err(|e| LogError::Encoding(e.to_string()))?;
-        // The anchor is durable before anything is removed; verification skips leftovers
-        // below the anchor if the removal is interrupted.
-        self.meta.insert(META_ANCHOR, json)?;
-        self.db.flush()?;
-        let mut removed = 0u64;
-        for item in self.records.range(..=seq.to_be_bytes()) {
-            let (k, _) = item?;
-            self.records.remove(k)?;
-            removed += 1;
+        // The anchor is durable before anything is removed; verification skips segments
+        // that end at or before the anchor if the removal is interrupted.
+        write_atomic(&self.dir, ANCHOR_FILE, &json)?;
+        for path in &doomed {
+            std::fs::remove_file(path).map_err(io_err(path))?;
         }
-        for item in self.checkpoints.range(..seq.to_be_bytes()) {
-            let (k, _) = item?;
-            self.checkpoints.remove(k)?;
-        }
-        self.db.flush()?;
+        super::writer::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         Ok(PruneReport {
             removed,
+            segments: doomed.len() as u64,
             anchor: Some(anchor),
         })
+    }
+}
+
+/// How many records a segment holds, and its last one (seq, hash, time).
+type Newest = Option<(u64, String, Option<SystemTime>)>;
+
+fn segment_records(path: &std::path::Path) -> Result<(u64, Newest), LogError> {
+    let mut reader = segment::Reader::open(path).map_err(|e| stop_error(path, e))?;
+    let mut count = 0;
+    let mut last = None;
+    while let Some(frame) = reader.next_frame().map_err(|e| stop_error(path, e))? {
+        if frame.kind == KIND_RECORD
+            && let Some(r) = record::decode(&frame.payload)
+        {
+            count += 1;
+            last = Some((r.seq, r.hash.clone(), r.system_time()));
+        }
+    }
+    Ok((count, last))
+}
+
+fn stop_error(path: &std::path::Path, e: ReadStop) -> LogError {
+    match e {
+        ReadStop::Io(source) => LogError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        ReadStop::Torn { offset } => LogError::Encoding(format!(
+            "`{}` ends inside a frame at byte {offset}",
+            path.display()
+        )),
+        ReadStop::Corrupt { what, .. } => LogError::Encoding(what),
     }
 }

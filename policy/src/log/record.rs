@@ -234,6 +234,7 @@ pub struct DecisionRecord {
 }
 
 impl DecisionRecord {
+    #[cfg(test)]
     pub(crate) fn new(input: DecisionRecordInput, seq: u64, prev_hash: String, id: String) -> Self {
         Self {
             seq,
@@ -267,7 +268,81 @@ impl DecisionRecord {
     }
 }
 
+/// A record serialized outside the log's lock: its body without `seq` and `prev_hash`, which
+/// only the appender knows. [`body`] puts them in front, giving the bytes serde_json makes of
+/// the whole [`DecisionRecord`] (a test checks they are equal).
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// `{"time":…,…}`: the remaining members in canonical order.
+    tail: Vec<u8>,
+    /// The decision id.
+    pub id: String,
+}
+
+/// [`DecisionRecord`]'s members after `prev_hash`, borrowed.
+#[derive(Serialize)]
+struct Tail<'a> {
+    time: String,
+    id: &'a str,
+    trace_id: &'a Option<String>,
+    source_gateway: &'a Option<String>,
+    decision: DecisionKind,
+    principal: &'a str,
+    action: &'a str,
+    resource: &'a str,
+    method: &'a str,
+    raw_path: &'a str,
+    path: &'a str,
+    reasons: &'a [String],
+    errors: &'a [String],
+    shadow: &'a Option<ShadowOutcome>,
+    policy_version: &'a str,
+    quota_key: &'a Option<String>,
+    quota_remaining: Option<u64>,
+    status: Option<u16>,
+    facts: &'a Option<RequestFacts>,
+}
+
+/// Serializes everything of `input` but its place in the chain.
+pub(crate) fn prepare(input: &DecisionRecordInput) -> Result<Prepared, serde_json::Error> {
+    let id = input.id.clone().unwrap_or_else(new_decision_id);
+    let tail = serde_json::to_vec(&Tail {
+        time: to_rfc3339(input.time),
+        id: &id,
+        trace_id: &input.trace_id,
+        source_gateway: &input.source_gateway,
+        decision: input.decision,
+        principal: &input.principal,
+        action: &input.action,
+        resource: &input.resource,
+        method: &input.method,
+        raw_path: &input.raw_path,
+        path: &input.path,
+        reasons: &input.reasons,
+        errors: &input.errors,
+        shadow: &input.shadow,
+        policy_version: &input.policy_version,
+        quota_key: &input.quota_key,
+        quota_remaining: input.quota_remaining,
+        status: input.status,
+        facts: &input.facts,
+    })?;
+    Ok(Prepared { tail, id })
+}
+
+/// Appends the canonical body of `prepared` at `seq` after `prev_hash` (hex) to `out`.
+pub(crate) fn body(seq: u64, prev_hash: &str, prepared: &Prepared, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"prev_hash\":\"");
+    out.extend_from_slice(prev_hash.as_bytes());
+    out.extend_from_slice(b"\",");
+    // The tail is a JSON object: drop its opening brace.
+    out.extend_from_slice(prepared.tail.get(1..).unwrap_or_default());
+}
+
 /// Encodes a record (hash ignored) into its stored value: `hash || body`; sets `record.hash`.
+#[cfg(test)]
 pub(crate) fn encode(record: &mut DecisionRecord) -> Result<Vec<u8>, serde_json::Error> {
     record.hash.clear();
     let body = serde_json::to_vec(record)?;

@@ -1,12 +1,21 @@
-//! Verification: the whole chain, the prune anchor and every checkpoint.
-
-use std::collections::BTreeMap;
+//! Verification: the whole chain, the prune anchor and the signed heads.
+//!
+//! Every record is re-hashed and its link to the previous one checked; every checkpoint must
+//! name a record already written and that record's hash. Signatures are checked on the prune
+//! anchor, on the last checkpoint of every segment and on the last one of the log (which,
+//! with the hash chain, vouches for every record up to it); `verify_all` checks every one.
+//! A log cut at a frame boundary looks whole on its own: heads held by peers (the witnesses)
+//! are what catch that.
 
 use serde::Serialize;
 
 use super::record::{self, DecisionRecord};
+use super::segment::{self, KIND_CHECKPOINT, KIND_RECORD, ReadStop};
 use super::signer::CheckpointKind;
-use super::{Checkpoint, DecisionLog, LogError, key_seq};
+use super::{Checkpoint, DecisionLog, LogError, io_err};
+
+/// Records whose hashes stay at hand for the checkpoints that follow them.
+const RECENT_HASHES: usize = 1 << 16;
 
 /// One problem found by verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,8 +39,13 @@ pub struct VerifyReport {
     pub head_seq: u64,
     /// The last record's hash.
     pub head_hash: String,
+    /// The last record covered by a signed head whose signature checked, if any.
+    pub signed_seq: Option<u64>,
     /// Every problem, lowest sequence number first; empty when the log verifies.
     pub problems: Vec<Tamper>,
+    /// What is worth knowing but is not tampering (records after the last signed head, an
+    /// interrupted write at the very end).
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {
@@ -46,194 +60,399 @@ impl VerifyReport {
     }
 }
 
-impl DecisionLog {
-    /// Checks every record's hash, sequence and link to its predecessor, that nothing is
-    /// missing at the end, the prune anchor, and every checkpoint (signature, pinned key,
-    /// and the record it names). `Err` only when the storage cannot be read.
-    pub fn verify(&self) -> Result<VerifyReport, LogError> {
-        let mut problems = Vec::new();
-        let pinned = self.pinned_key()?;
-        let anchor = self.anchor()?;
-        let mut cps: Vec<Checkpoint> = Vec::new();
-        for item in self.checkpoints.iter() {
-            let (k, v) = item?;
-            match serde_json::from_slice::<Checkpoint>(&v) {
-                Ok(cp) => cps.push(cp),
-                Err(_) => problems.push(Tamper {
-                    seq: key_seq(&k).unwrap_or(0),
-                    what: "checkpoint is not readable".to_owned(),
-                }),
-            }
-        }
-        // The key this process was configured with (the key file) must have signed every
-        // head too: a rewritten pin cannot make another key's heads pass.
-        let configured = self.signer.as_ref().map(|s| s.public_key_hex().to_owned());
-        let check_sig = |cp: &Checkpoint, label: &str, problems: &mut Vec<Tamper>| {
-            let wrong_kind = match label {
-                "prune anchor" => cp.kind != CheckpointKind::Anchor,
-                _ => cp.kind != CheckpointKind::Checkpoint,
-            };
-            if wrong_kind {
-                problems.push(Tamper {
-                    seq: cp.seq,
-                    what: format!("{label} at seq {} is not signed as a {label}", cp.seq),
-                });
-            } else if configured.as_deref().is_some_and(|k| k != cp.public_key) {
-                problems.push(Tamper {
-                    seq: cp.seq,
-                    what: format!(
-                        "{label} at seq {} is not signed by the configured checkpoint key",
-                        cp.seq
-                    ),
-                });
-            } else if pinned.as_deref().is_some_and(|p| p != cp.public_key) {
-                problems.push(Tamper { seq: cp.seq, what: format!("{label} at seq {} is signed by a key that is not the pinned checkpoint key", cp.seq) });
-            } else if !cp.signature_valid() {
-                problems.push(Tamper {
-                    seq: cp.seq,
-                    what: format!("{label} at seq {} has an invalid signature", cp.seq),
-                });
-            }
-        };
-        for cp in &cps {
-            check_sig(cp, "checkpoint", &mut problems);
-        }
+struct Walk<'a> {
+    log: &'a DecisionLog,
+    problems: Vec<Tamper>,
+    notes: Vec<String>,
+    expected: u64,
+    prev: String,
+    /// (seq, hash) of recent records, at `seq % RECENT_HASHES`.
+    recent: Vec<(u64, String)>,
+    records: u64,
+    checkpoints: u64,
+    signed_seq: Option<u64>,
+    all_signatures: bool,
+}
 
-        let (mut expected, mut prev) = match &anchor {
-            Some(a) => {
-                check_sig(a, "prune anchor", &mut problems);
-                (a.seq + 1, a.head_hash.clone())
-            }
-            None => (1, record::GENESIS_HASH.to_owned()),
+impl DecisionLog {
+    /// Checks the chain, the anchor and the signed heads (see the module docs). `Err` only
+    /// when the files cannot be read.
+    pub fn verify(&self) -> Result<VerifyReport, LogError> {
+        self.verify_with(false)
+    }
+
+    /// Like [`DecisionLog::verify`], and checks the signature of every checkpoint.
+    pub fn verify_all(&self) -> Result<VerifyReport, LogError> {
+        self.verify_with(true)
+    }
+
+    fn verify_with(&self, all_signatures: bool) -> Result<VerifyReport, LogError> {
+        let anchor = self.anchor()?;
+        let mut walk = Walk {
+            log: self,
+            problems: Vec::new(),
+            notes: Vec::new(),
+            expected: anchor.as_ref().map_or(1, |a| a.seq + 1),
+            prev: anchor
+                .as_ref()
+                .map_or_else(|| record::GENESIS_HASH.to_owned(), |a| a.head_hash.clone()),
+            recent: vec![(u64::MAX, String::new()); RECENT_HASHES],
+            records: 0,
+            checkpoints: 0,
+            signed_seq: None,
+            all_signatures,
         };
-        let first_seq = expected;
-        let wanted: BTreeMap<u64, &Checkpoint> = cps.iter().map(|c| (c.seq, c)).collect();
-        let mut seen_hashes: BTreeMap<u64, String> = BTreeMap::new();
         if let Some(a) = &anchor {
-            seen_hashes.insert(a.seq, a.head_hash.clone());
+            walk.checkpoints += 1;
+            walk.check_signature(a, CheckpointKind::Anchor);
         }
-        let mut count = 0u64;
-        let mut chain_broken = false;
-        for item in self.records.iter() {
-            let (k, v) = item?;
-            let Some(key) = key_seq(&k) else {
-                problems.push(Tamper {
-                    seq: expected,
-                    what: "a foreign key was inserted into the record tree".to_owned(),
-                });
-                chain_broken = true;
-                break;
-            };
-            if key < expected && anchor.as_ref().is_some_and(|a| key <= a.seq) {
-                continue; // left over from an interrupted prune
-            }
-            count += 1;
-            if let Some(problem) = check_record(key, expected, &prev, &v) {
-                problems.push(problem);
-                chain_broken = true;
-                break;
-            }
-            let hash = record::split(&v)
-                .map(|(h, _)| hex::encode(h))
-                .unwrap_or_default();
-            if wanted.contains_key(&key) {
-                seen_hashes.insert(key, hash.clone());
-            }
-            prev = hash;
-            expected = key + 1;
-        }
-        let head_seq = expected - 1;
-        if !chain_broken {
-            let meta_head = self.meta_head()?;
-            if meta_head > head_seq {
-                problems.push(Tamper {
-                    seq: head_seq + 1,
-                    what: format!(
-                        "records {} to {meta_head} are missing (the log was truncated)",
-                        head_seq + 1
-                    ),
-                });
-            }
-            for cp in &cps {
-                match seen_hashes.get(&cp.seq) {
-                    Some(h) if *h == cp.head_hash => {}
-                    Some(_) => problems.push(Tamper {
-                        seq: cp.seq,
-                        what: format!("record {} does not match the signed checkpoint (the log was rewritten up to here)", cp.seq),
-                    }),
-                    None if cp.seq > head_seq => problems.push(Tamper {
-                        seq: head_seq + 1,
-                        what: format!("a checkpoint covers seq {} but the log ends at {head_seq} (truncated)", cp.seq),
-                    }),
-                    None => {} // pruned away, or seq 0 of an empty log
-                }
+        let first_seq = walk.expected;
+        let segments = segment::list(&self.dir).map_err(io_err(&self.dir))?;
+        let mut last_checkpoint = None;
+        for (i, (first, path)) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            match walk.segment(*first, path, last, anchor.as_ref())? {
+                Flow::Next(cp) => last_checkpoint = cp.or(last_checkpoint),
+                Flow::Broken => break,
             }
         }
-        problems.sort_by_key(|p| p.seq);
-        let checkpoints = cps.len() as u64 + u64::from(anchor.is_some());
+        if let Some(cp) = &last_checkpoint
+            && !walk.all_signatures
+        {
+            walk.check_signature(cp, CheckpointKind::Checkpoint);
+        }
+        let head_seq = walk.expected - 1;
+        if walk.problems.is_empty() {
+            match walk.signed_seq {
+                Some(s) if s < head_seq => walk.notes.push(format!(
+                    "records {} to {head_seq} come after the last signed head (written since the last flush batch, or before a crash)",
+                    s + 1
+                )),
+                None if head_seq >= first_seq && self.pinned.is_some() => walk
+                    .notes
+                    .push("no signed head covers the records yet".to_owned()),
+                _ => {}
+            }
+        }
+        walk.problems.sort_by_key(|p| p.seq);
         Ok(VerifyReport {
-            records: count,
-            checkpoints,
+            records: walk.records,
+            checkpoints: walk.checkpoints,
             first_seq,
             head_seq,
-            head_hash: prev,
-            problems,
+            head_hash: walk.prev,
+            signed_seq: walk.signed_seq,
+            problems: walk.problems,
+            notes: walk.notes,
         })
     }
 }
 
-/// Checks one stored record against the chain so far.
-fn check_record(key: u64, expected: u64, prev: &str, value: &[u8]) -> Option<Tamper> {
-    if key > expected {
-        let what = if key == expected + 1 {
-            format!("record {expected} is missing (deleted)")
+enum Flow {
+    /// Go on with the next segment; the last checkpoint of this one.
+    Next(Option<Checkpoint>),
+    /// The chain is broken: stop.
+    Broken,
+}
+
+impl Walk<'_> {
+    fn problem(&mut self, seq: u64, what: String) {
+        self.problems.push(Tamper { seq, what });
+    }
+
+    fn segment(
+        &mut self,
+        first: u64,
+        path: &std::path::Path,
+        last: bool,
+        anchor: Option<&Checkpoint>,
+    ) -> Result<Flow, LogError> {
+        let mut reader = match segment::Reader::open(path) {
+            Ok(r) => r,
+            Err(ReadStop::Io(e)) => return Err(io_err(path)(e)),
+            Err(ReadStop::Torn { .. }) if last => {
+                self.notes.push(format!(
+                    "`{}` has no complete header (being created)",
+                    path.display()
+                ));
+                return Ok(Flow::Next(None));
+            }
+            Err(ReadStop::Torn { .. }) => {
+                let what = format!("segment `{}` is cut short", path.display());
+                self.problem(self.expected, what);
+                return Ok(Flow::Broken);
+            }
+            Err(ReadStop::Corrupt { what, .. }) => {
+                self.problem(self.expected, what);
+                return Ok(Flow::Broken);
+            }
+        };
+        if reader.first_seq != first {
+            let what = format!(
+                "segment `{}` says it starts at record {} (renamed or replaced)",
+                path.display(),
+                reader.first_seq
+            );
+            self.problem(first.min(self.expected), what);
+            return Ok(Flow::Broken);
+        }
+        // Left over from an interrupted prune: a segment that ends at or before the anchor.
+        if let Some(a) = anchor
+            && first <= a.seq
+            && self.records == 0
+        {
+            let end = last_record_seq(&mut reader, path)?;
+            if end.is_some_and(|e| e <= a.seq) {
+                return Ok(Flow::Next(None));
+            }
+            reader = segment::Reader::open(path).map_err(|e| match e {
+                ReadStop::Io(e) => io_err(path)(e),
+                _ => LogError::Encoding(format!("`{}` changed while read", path.display())),
+            })?;
+        }
+        if first != self.expected {
+            let what = if first > self.expected {
+                if first == self.expected + 1 {
+                    format!("record {} is missing (deleted)", self.expected)
+                } else {
+                    format!(
+                        "records {} to {} are missing (deleted)",
+                        self.expected,
+                        first - 1
+                    )
+                }
+            } else {
+                format!(
+                    "segment `{}` starts at record {first}, before the end of the previous one (inserted)",
+                    path.display()
+                )
+            };
+            self.problem(self.expected, what);
+            return Ok(Flow::Broken);
+        }
+        let mut last_cp = None;
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(ReadStop::Io(e)) => return Err(io_err(path)(e)),
+                Err(ReadStop::Torn { offset }) if last => {
+                    self.notes.push(format!(
+                        "`{}` ends inside a frame at byte {offset} (a write in progress or interrupted; never acknowledged)",
+                        path.display()
+                    ));
+                    break;
+                }
+                Err(ReadStop::Torn { offset }) => {
+                    let what = format!(
+                        "segment `{}` is cut short at byte {offset} (records after it are missing)",
+                        path.display()
+                    );
+                    self.problem(self.expected, what);
+                    return Ok(Flow::Broken);
+                }
+                Err(ReadStop::Corrupt { what, .. }) => {
+                    self.problem(self.expected, what);
+                    return Ok(Flow::Broken);
+                }
+            };
+            match frame.kind {
+                KIND_RECORD => {
+                    if let Some(p) = check_record(self.expected, &self.prev, &frame.payload) {
+                        self.problems.push(p);
+                        return Ok(Flow::Broken);
+                    }
+                    let hash = hex::encode(&frame.payload[..32]);
+                    let seq = self.expected;
+                    self.recent[(seq % RECENT_HASHES as u64) as usize] = (seq, hash.clone());
+                    self.prev = hash;
+                    self.expected += 1;
+                    self.records += 1;
+                }
+                KIND_CHECKPOINT => {
+                    self.checkpoints += 1;
+                    let Some(key) = self.log.pinned.as_deref() else {
+                        let what = "a checkpoint is stored but no checkpoint key is pinned (`key.pub` was removed)".to_owned();
+                        self.problem(self.expected, what);
+                        continue;
+                    };
+                    let Some(cp) = segment::decode_checkpoint(&frame.payload, key) else {
+                        let what = format!(
+                            "checkpoint frame at byte {} of `{}` is not readable",
+                            frame.offset,
+                            path.display()
+                        );
+                        self.problem(self.expected, what);
+                        continue;
+                    };
+                    self.check_binding(&cp);
+                    if self.all_signatures {
+                        self.check_signature(&cp, CheckpointKind::Checkpoint);
+                    }
+                    last_cp = Some(cp);
+                }
+                other => {
+                    let what = format!(
+                        "frame of unknown kind {other} at byte {} of `{}`",
+                        frame.offset,
+                        path.display()
+                    );
+                    self.problem(self.expected, what);
+                }
+            }
+        }
+        if let Some(cp) = &last_cp
+            && !self.all_signatures
+            && !last
+        {
+            self.check_signature(cp, CheckpointKind::Checkpoint);
+        }
+        Ok(Flow::Next(last_cp))
+    }
+
+    /// A checkpoint names a record already written, with that record's hash.
+    fn check_binding(&mut self, cp: &Checkpoint) {
+        let head = self.expected - 1;
+        if cp.seq > head {
+            let what = format!(
+                "a checkpoint names record {}, which was not written before it (forged)",
+                cp.seq
+            );
+            self.problem(head + 1, what);
+            return;
+        }
+        let known = if cp.seq + 1 == self.expected {
+            Some(self.prev.clone())
+        } else if cp.seq == 0 {
+            Some(record::GENESIS_HASH.to_owned())
         } else {
-            format!("records {expected} to {} are missing (deleted)", key - 1)
+            let (seq, hash) = &self.recent[(cp.seq % RECENT_HASHES as u64) as usize];
+            (*seq == cp.seq).then(|| hash.clone())
+        };
+        match known {
+            Some(h) if h == cp.head_hash => {}
+            Some(_) => self.problem(
+                cp.seq,
+                format!(
+                    "record {} does not match the signed checkpoint (the log was rewritten up to here)",
+                    cp.seq
+                ),
+            ),
+            None => self.problem(
+                cp.seq,
+                format!(
+                    "a checkpoint of record {} is stored far after it (not written by meshgate)",
+                    cp.seq
+                ),
+            ),
+        }
+    }
+
+    fn check_signature(&mut self, cp: &Checkpoint, kind: CheckpointKind) {
+        let label = match kind {
+            CheckpointKind::Anchor => "prune anchor",
+            CheckpointKind::Checkpoint => "checkpoint",
+        };
+        let what = if cp.kind != kind {
+            format!("{label} at seq {} is not signed as a {label}", cp.seq)
+        } else if self
+            .log
+            .configured
+            .as_deref()
+            .is_some_and(|k| k != cp.public_key)
+        {
+            format!(
+                "{label} at seq {} is not signed by the configured checkpoint key",
+                cp.seq
+            )
+        } else if self
+            .log
+            .pinned
+            .as_deref()
+            .is_some_and(|p| p != cp.public_key)
+        {
+            format!(
+                "{label} at seq {} is signed by a key that is not the pinned checkpoint key",
+                cp.seq
+            )
+        } else if !cp.signature_valid() {
+            format!("{label} at seq {} has an invalid signature", cp.seq)
+        } else {
+            if kind == CheckpointKind::Checkpoint {
+                self.signed_seq = self.signed_seq.max(Some(cp.seq));
+            }
+            return;
+        };
+        self.problem(cp.seq, what);
+    }
+}
+
+/// The last record's seq in a segment (reads it to the end).
+fn last_record_seq(
+    reader: &mut segment::Reader,
+    path: &std::path::Path,
+) -> Result<Option<u64>, LogError> {
+    let mut last = None;
+    loop {
+        match reader.next_frame() {
+            Ok(Some(f)) if f.kind == KIND_RECORD && f.payload.len() > 32 => {
+                last = super::body_seq(&f.payload[32..]);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(ReadStop::Torn { .. }) | Err(ReadStop::Corrupt { .. }) => break,
+            Err(ReadStop::Io(e)) => return Err(io_err(path)(e)),
+        }
+    }
+    Ok(last)
+}
+
+/// Checks one stored record against the chain so far.
+fn check_record(expected: u64, prev: &str, payload: &[u8]) -> Option<Tamper> {
+    let Some((stored, body)) = record::split(payload) else {
+        return Some(Tamper {
+            seq: expected,
+            what: format!("record {expected} is truncated"),
+        });
+    };
+    if record::hash_body(body) != stored {
+        return Some(Tamper {
+            seq: expected,
+            what: format!("record {expected} does not match its hash (edited)"),
+        });
+    }
+    let Ok(rec) = serde_json::from_slice::<DecisionRecord>(body) else {
+        return Some(Tamper {
+            seq: expected,
+            what: format!("record {expected} is not a valid record"),
+        });
+    };
+    if rec.seq != expected {
+        let what = if rec.seq > expected {
+            if rec.seq == expected + 1 {
+                format!("record {expected} is missing (deleted)")
+            } else {
+                format!(
+                    "records {expected} to {} are missing (deleted)",
+                    rec.seq - 1
+                )
+            }
+        } else {
+            format!(
+                "the record stored as record {expected} says it is record {} (moved, reordered or inserted)",
+                rec.seq
+            )
         };
         return Some(Tamper {
             seq: expected,
             what,
         });
     }
-    if key < expected {
-        return Some(Tamper {
-            seq: key,
-            what: format!("record {key} precedes the start of the retained log (inserted)"),
-        });
-    }
-    let Some((stored, body)) = record::split(value) else {
-        return Some(Tamper {
-            seq: key,
-            what: format!("record {key} is truncated"),
-        });
-    };
-    if record::hash_body(body) != stored {
-        return Some(Tamper {
-            seq: key,
-            what: format!("record {key} does not match its hash (edited)"),
-        });
-    }
-    let Ok(rec) = serde_json::from_slice::<DecisionRecord>(body) else {
-        return Some(Tamper {
-            seq: key,
-            what: format!("record {key} is not a valid record"),
-        });
-    };
-    if rec.seq != key {
-        return Some(Tamper {
-            seq: key,
-            what: format!(
-                "the record stored at seq {key} says it is record {} (moved, reordered or inserted)",
-                rec.seq
-            ),
-        });
-    }
     if rec.prev_hash != prev {
         return Some(Tamper {
-            seq: key,
+            seq: expected,
             what: format!(
-                "record {key} does not chain to record {} (a record was inserted, removed or rewritten before it)",
-                key.saturating_sub(1)
+                "record {expected} does not chain to record {} (a record was inserted, removed or rewritten before it)",
+                expected.saturating_sub(1)
             ),
         });
     }
