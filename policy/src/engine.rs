@@ -10,12 +10,13 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use cedar_policy::Authorizer;
 use serde::Serialize;
 
-use crate::facts::{RequestFacts, build};
+use crate::facts::{Built, FactsError, RequestFacts};
 use crate::load::{
     LoadError, LoadStats, Loaded, PolicyVersion, SourceFile, load_dir, load_sources,
 };
 use crate::path::normalize_path;
 use crate::quota::QuotaSpec;
+use crate::subject::build_cached;
 
 /// The outcome of one authorization.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,9 +190,11 @@ impl PolicyEngine {
     pub fn decide(&self, facts: &RequestFacts) -> Decision {
         let start = Instant::now();
         let set = self.enforced.load();
-        let verdict = self.evaluate(&set, facts);
+        // Built once, evaluated by the enforced and the shadow set alike (one schema).
+        let built = build_cached(facts, &set.subjects, &set.actions);
+        let verdict = self.evaluate(&set, &built, facts);
         let shadow = self.shadow.load().as_ref().map(|sh| {
-            let v = self.evaluate(sh, facts);
+            let v = self.evaluate(sh, &built, facts);
             ShadowOutcome {
                 differs: v.allowed != verdict.allowed,
                 allowed: v.allowed,
@@ -223,8 +226,13 @@ impl PolicyEngine {
         }
     }
 
-    fn evaluate(&self, set: &Loaded, facts: &RequestFacts) -> Verdict {
-        let built = match build(facts, &set.actions) {
+    fn evaluate(
+        &self,
+        set: &Loaded,
+        built: &Result<Built, FactsError>,
+        facts: &RequestFacts,
+    ) -> Verdict {
+        let built = match built {
             Ok(b) => b,
             Err(e) => {
                 return Verdict {
@@ -243,7 +251,7 @@ impl PolicyEngine {
             allowed: answer.allowed,
             reasons: answer.reasons,
             errors: answer.errors,
-            normalized_path: built.normalized_path,
+            normalized_path: built.normalized_path.clone(),
             failed: false,
         }
     }

@@ -12,7 +12,7 @@ use cedar_policy::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::path::{PathError, normalize_path};
+use crate::path::PathError;
 
 /// Headers that carry credentials: never exposed to policies and never logged.
 pub const HIDDEN_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
@@ -174,11 +174,14 @@ pub(crate) struct Built {
     pub normalized_path: String,
 }
 
-/// The one builder: request facts → Cedar request + entities.
+/// The reference builder: request facts → Cedar request + entities, all built for this one
+/// request. The engine builds the same from cached parts (`subject::build_cached`); tests
+/// check both agree.
 ///
 /// The entities and context conform to the schema by construction (a test checks every
 /// shape with Cedar's own validation, `build_checked`), so the hot path skips the
 /// per-request schema check and adds the schema's action hierarchy, computed once at load.
+#[cfg(test)]
 pub(crate) fn build(facts: &RequestFacts, actions: &Actions) -> Result<Built, FactsError> {
     let parts = parts(facts)?;
     // Only the request's action and its groups: Cedar computes the transitive closure of
@@ -248,6 +251,7 @@ pub(crate) fn index_actions(all: &Entities) -> Actions {
         .collect()
 }
 
+#[cfg(test)]
 struct Parts {
     principal: EntityUid,
     action: EntityUid,
@@ -257,7 +261,29 @@ struct Parts {
     path: String,
 }
 
+#[cfg(test)]
 fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
+    let (principal, resource, mut entities) = subject_parts(facts)?;
+    let action = uid("Action", action_name(&facts.method)?)?;
+    let path = crate::path::normalize_path(&facts.raw_path)?;
+    let (headers, claims, context) = request_parts(facts, &path)?;
+    entities.push(headers);
+    entities.push(claims);
+    Ok(Parts {
+        principal,
+        action,
+        resource,
+        context,
+        entities,
+        path,
+    })
+}
+
+/// What depends only on who calls what: the caller and the service with their parents (the
+/// part the engine caches per pair, see `subject`).
+pub(crate) fn subject_parts(
+    facts: &RequestFacts,
+) -> Result<(EntityUid, EntityUid, Vec<Entity>), FactsError> {
     let caller = Caller::parse(&facts.caller)?;
     let (svc_name, svc_ns, svc_cluster) = split_service(&facts.service)?;
     if !valid_trust_domain(&facts.destination_trust_domain) {
@@ -265,10 +291,6 @@ fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
             facts.destination_trust_domain.chars().take(200).collect(),
         ));
     }
-    let action = action_name(&facts.method)?;
-    let path = normalize_path(&facts.raw_path)?;
-    let time = crate::timefmt::cedar_datetime(facts.time).ok_or(FactsError::Time)?;
-
     let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
     let mut entities = Vec::with_capacity(8);
 
@@ -307,9 +329,16 @@ fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
         [svc_ns_uid],
         labels,
     )?);
+    Ok((principal, resource, entities))
+}
 
+/// What changes with every request: the headers and claims entities and the context.
+pub(crate) fn request_parts(
+    facts: &RequestFacts,
+    path: &str,
+) -> Result<(Entity, Entity, Context), FactsError> {
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
     // Headers and claims as tags on their own entities.
-    let headers_uid = uid("Headers", "request")?;
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &facts.headers {
         let name = name.to_ascii_lowercase();
@@ -323,22 +352,22 @@ fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
         }
         slot.push_str(value);
     }
-    entities.push(entity(
-        headers_uid.clone(),
+    let headers = entity(
+        request_uid("Headers")?,
         [],
         [],
-        headers.into_iter().map(|(k, v)| (k, s(&v))),
-    )?);
-    let claims_uid = uid("Claims", "request")?;
+        headers
+            .into_iter()
+            .map(|(k, v)| (k, RestrictedExpression::new_string(v))),
+    )?;
     let claims = facts
         .claims
         .iter()
         .flatten()
         .map(|(k, v)| (k.clone(), s(v)));
-    entities.push(entity(claims_uid.clone(), [], [], claims)?);
-
+    let claims = entity(request_uid("Claims")?, [], [], claims)?;
     let context = Context::from_pairs([
-        ("path".to_owned(), s(&path)),
+        ("path".to_owned(), s(path)),
         ("raw_path".to_owned(), s(&facts.raw_path)),
         ("method".to_owned(), s(&facts.method.to_ascii_uppercase())),
         ("source_cluster".to_owned(), s(&facts.source_cluster)),
@@ -350,14 +379,14 @@ fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
             "mtls".to_owned(),
             RestrictedExpression::new_bool(facts.mtls),
         ),
-        ("time".to_owned(), RestrictedExpression::new_datetime(time)),
+        ("time".to_owned(), datetime(facts.time)?),
         (
             "headers".to_owned(),
-            RestrictedExpression::new_entity_uid(headers_uid),
+            RestrictedExpression::new_entity_uid(request_uid("Headers")?),
         ),
         (
             "claims".to_owned(),
-            RestrictedExpression::new_entity_uid(claims_uid),
+            RestrictedExpression::new_entity_uid(request_uid("Claims")?),
         ),
         (
             "has_claims".to_owned(),
@@ -365,15 +394,40 @@ fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
         ),
     ])
     .map_err(cedar_err)?;
-    let action = uid("Action", action)?;
-    Ok(Parts {
-        principal,
-        action,
-        resource,
-        context,
-        entities,
-        path,
-    })
+    Ok((headers, claims, context))
+}
+
+/// `Headers::"request"` or `Claims::"request"`.
+pub(crate) fn request_uid(ty: &str) -> Result<EntityUid, FactsError> {
+    uid(ty, "request")
+}
+
+/// The request time as a Cedar datetime. Building one parses the extension's name, so the
+/// last one made on this thread is reused within the same millisecond.
+fn datetime(t: SystemTime) -> Result<RestrictedExpression, FactsError> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u128, RestrictedExpression)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let millis = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .ok();
+    if let Some(ms) = millis
+        && let Some(expr) = LAST.with_borrow(|last| {
+            last.as_ref()
+                .filter(|(at, _)| *at == ms)
+                .map(|(_, e)| e.clone())
+        })
+    {
+        return Ok(expr);
+    }
+    let text = crate::timefmt::cedar_datetime(t).ok_or(FactsError::Time)?;
+    let expr = RestrictedExpression::new_datetime(text);
+    if let Some(ms) = millis {
+        LAST.with_borrow_mut(|last| *last = Some((ms, expr.clone())));
+    }
+    Ok(expr)
 }
 
 fn namespace_entity(
@@ -412,8 +466,34 @@ fn entity(
 }
 
 pub(crate) fn uid(ty: &str, id: &str) -> Result<EntityUid, FactsError> {
-    let ty = EntityTypeName::from_str(ty).map_err(cedar_err)?;
-    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+    Ok(EntityUid::from_type_name_and_id(
+        type_name(ty)?,
+        EntityId::new(id),
+    ))
+}
+
+/// The schema's entity type names, parsed once (parsing one runs Cedar's parser).
+fn type_name(ty: &str) -> Result<EntityTypeName, FactsError> {
+    static NAMES: std::sync::OnceLock<Vec<(&'static str, EntityTypeName)>> =
+        std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        [
+            "TrustDomain",
+            "Namespace",
+            "Workload",
+            "Service",
+            "Headers",
+            "Claims",
+            "Action",
+        ]
+        .into_iter()
+        .filter_map(|t| EntityTypeName::from_str(t).ok().map(|n| (t, n)))
+        .collect()
+    });
+    match names.iter().find(|(t, _)| *t == ty) {
+        Some((_, n)) => Ok(n.clone()),
+        None => EntityTypeName::from_str(ty).map_err(cedar_err),
+    }
 }
 
 fn cedar_err(e: impl std::fmt::Display) -> FactsError {

@@ -19,6 +19,7 @@ mod log;
 mod path;
 mod quota;
 mod slice;
+mod subject;
 mod timefmt;
 mod tools;
 

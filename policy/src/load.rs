@@ -119,6 +119,8 @@ pub(crate) struct Loaded {
     /// The action hierarchy (`Action::"GET" in Action::"read"`) from the schema, computed
     /// once: requests are built without per-request schema checks (see `facts::build`).
     pub actions: crate::facts::Actions,
+    /// The entities of each (caller, service) pair seen with this set, built once.
+    pub subjects: crate::subject::SubjectCache,
     pub version: PolicyVersion,
     /// `@quota` of each permit that has one, by policy id.
     pub quotas: HashMap<String, QuotaSpec>,
@@ -266,6 +268,7 @@ pub(crate) fn load_sources(
             };
             Ok(Loaded {
                 actions,
+                subjects: crate::subject::SubjectCache::default(),
                 sliced,
                 version,
                 quotas,
