@@ -9,10 +9,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::admission::Admission;
 use crate::body::{self, GatewayBody};
-use crate::gateway::Shared;
+use crate::metrics::Metrics;
 
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// What the metrics listener needs.
+#[derive(Debug)]
+pub(crate) struct AdminParts {
+    pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
+}
+
+pub(crate) async fn serve(shared: Arc<AdminParts>, listener: TcpListener) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
@@ -30,7 +38,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
+fn answer(shared: &AdminParts, req: &Request<Incoming>) -> Response<GatewayBody> {
     let (status, content_type, text) = match req.uri().path() {
         "/metrics" => (
             StatusCode::OK,
@@ -44,7 +52,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             "text/plain",
             format!(
                 "ready\npolicy_version {}\n",
-                shared.enforcer.policy().version()
+                shared.admission.policy().version()
             ),
         ),
         _ => (

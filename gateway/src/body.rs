@@ -1,7 +1,8 @@
-//! Body types and the pumps that move streamed bodies between hyper and HTTP/3 streams.
+//! Body types: an HTTP/3 stream's body read as it is polled, a hyper body written down an
+//! HTTP/3 stream, and a channel body for raw TCP relays.
 //!
-//! Every hop streams: bodies move frame by frame through bounded channels and QUIC flow
-//! control, so a gateway's memory per request stays bounded whatever the body size.
+//! Every hop streams: bodies move frame by frame under QUIC and TCP flow control, so a
+//! gateway's memory per request stays bounded whatever the body size.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -74,14 +75,10 @@ pub(crate) trait H3Send: Send {
     fn finish(&mut self) -> impl Future<Output = Result<(), h3::error::StreamError>> + Send;
 }
 
-/// The receiving half of an HTTP/3 stream, client or server side.
-pub(crate) trait H3Recv: Send {
-    fn recv_data(
-        &mut self,
-    ) -> impl Future<Output = Result<Option<Bytes>, h3::error::StreamError>> + Send;
-    fn recv_trailers(
-        &mut self,
-    ) -> impl Future<Output = Result<Option<HeaderMap>, h3::error::StreamError>> + Send;
+/// The receiving half of an HTTP/3 stream, client or server side, polled.
+pub(crate) trait H3Recv: Send + Unpin {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BoxError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BoxError>>;
 }
 
 macro_rules! impl_h3_halves {
@@ -101,13 +98,21 @@ macro_rules! impl_h3_halves {
             }
         }
         impl H3Recv for $recv {
-            async fn recv_data(&mut self) -> Result<Option<Bytes>, h3::error::StreamError> {
-                Ok(<$recv>::recv_data(self)
-                    .await?
-                    .map(|mut buf| buf.copy_to_bytes(buf.remaining())))
+            fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BoxError>> {
+                match self.poll_recv_data(cx) {
+                    Poll::Ready(Ok(Some(mut buf))) => {
+                        Poll::Ready(Ok(Some(buf.copy_to_bytes(buf.remaining()))))
+                    }
+                    Poll::Ready(Ok(None)) => Poll::Ready(Ok(None)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+                    Poll::Pending => Poll::Pending,
+                }
             }
-            async fn recv_trailers(&mut self) -> Result<Option<HeaderMap>, h3::error::StreamError> {
-                <$recv>::recv_trailers(self).await
+            fn poll_trailers(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Option<HeaderMap>, BoxError>> {
+                self.poll_recv_trailers(cx).map_err(Into::into)
             }
         }
     };
@@ -121,6 +126,73 @@ impl_h3_halves!(
     h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
     h3::client::RequestStream<h3_quinn::RecvStream, Bytes>
 );
+
+/// The body of an HTTP/3 stream, read as it is polled (no task, no channel): data frames,
+/// then trailers.
+#[derive(Debug)]
+pub(crate) struct H3Body<R> {
+    recv: R,
+    state: H3State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H3State {
+    Data,
+    Trailers,
+    Done,
+}
+
+impl<R: H3Recv> H3Body<R> {
+    pub(crate) fn new(recv: R) -> Self {
+        Self {
+            recv,
+            state: H3State::Data,
+        }
+    }
+}
+
+impl<R: H3Recv + 'static> Body for H3Body<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.state {
+                H3State::Data => match this.recv.poll_data(cx) {
+                    Poll::Ready(Ok(Some(data))) if data.is_empty() => continue,
+                    Poll::Ready(Ok(Some(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Poll::Ready(Ok(None)) => this.state = H3State::Trailers,
+                    Poll::Ready(Err(e)) => {
+                        this.state = H3State::Done;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                H3State::Trailers => {
+                    let polled = this.recv.poll_trailers(cx);
+                    if polled.is_ready() {
+                        this.state = H3State::Done;
+                    }
+                    return match polled {
+                        Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                        Poll::Ready(Ok(None)) => Poll::Ready(None),
+                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                H3State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == H3State::Done
+    }
+}
 
 /// Sends a hyper body down an HTTP/3 stream: data frames, then trailers or a clean finish.
 pub(crate) async fn body_to_h3<B, S>(mut body: B, send: &mut S) -> Result<(), BoxError>
@@ -148,24 +220,4 @@ where
     }
     send.finish().await?;
     Ok(())
-}
-
-/// Feeds an HTTP/3 stream's body (and trailers) into a [`ChannelBody`] sender. Stops early,
-/// without error, when the receiving side of the channel is gone.
-pub(crate) async fn h3_to_channel<R: H3Recv>(mut recv: R, tx: BodySender) {
-    let result: Result<(), BoxError> = async {
-        while let Some(data) = recv.recv_data().await? {
-            if tx.send(Ok(Frame::data(data))).await.is_err() {
-                return Ok(());
-            }
-        }
-        if let Some(trailers) = recv.recv_trailers().await? {
-            let _ = tx.send(Ok(Frame::trailers(trailers))).await;
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(error) = result {
-        let _ = tx.send(Err(error)).await;
-    }
 }

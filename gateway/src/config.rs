@@ -213,6 +213,10 @@ pub struct Limits {
     /// own per-service timeouts apply behind it); then the caller gets 504.
     #[serde(deserialize_with = "de_duration")]
     pub tunnel_timeout: Duration,
+    /// Retries of an idempotent, body-less request to a service in another cluster (on a
+    /// broken stream or a 502/503/504 answer, each to the next gateway), within the retry
+    /// budget. Local services use their own `retries`.
+    pub remote_retries: u32,
 }
 
 impl Default for Limits {
@@ -227,6 +231,7 @@ impl Default for Limits {
             max_pending_resets: 20,
             drain_timeout: Duration::from_secs(10),
             tunnel_timeout: Duration::from_secs(30),
+            remote_retries: 2,
         }
     }
 }

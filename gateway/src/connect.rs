@@ -9,14 +9,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::body::{self, GatewayBody};
 use crate::respond;
-use crate::upstream::UpstreamService;
+use crate::upstream::LocalService;
 
 const CHUNK: usize = 16 * 1024;
 
 /// Destination side: connects to one upstream endpoint and relays `from_peer` into it; the
 /// response body carries the upstream's bytes back.
 pub(crate) async fn inbound(
-    upstream: &UpstreamService,
+    upstream: &LocalService,
     from_peer: GatewayBody,
 ) -> Response<GatewayBody> {
     let tcp = match upstream.connect_tcp().await {

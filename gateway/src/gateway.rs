@@ -2,7 +2,6 @@
 //! identity fresh. Built from parts the root crate opens (issuer, bundles, policy, log,
 //! catalog), so tests run whole gateways in-process.
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,16 +12,19 @@ use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::admission::Admission;
 use crate::caller::{CallerTokens, VerifiedCallers};
 use crate::catalog::{Catalog, ControlHandler};
-use crate::config::{GatewayConfig, Limits};
+use crate::config::GatewayConfig;
 use crate::dest::Resolver;
-use crate::enforce::Enforcer;
+use crate::forward::Forwarder;
+use crate::inbound::Inbound;
 use crate::metrics::Metrics;
+use crate::source::Source;
 use crate::svid::{SvidError, SvidStore};
 use crate::tunnel::Tunnel;
-use crate::upstream::{UpstreamConfigError, UpstreamService, Upstreams};
-use crate::{admin, inbound, outbound, tls};
+use crate::upstream::{LocalService, LocalServices, UpstreamConfigError};
+use crate::{admin, inbound, source, tls};
 
 /// How often the gateway checks whether its SVID needs renewal and refreshes its own bundle.
 const IDENTITY_TICK: Duration = Duration::from_secs(5);
@@ -78,33 +80,19 @@ pub struct GatewayParts {
     pub collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
 }
 
-/// State shared by every connection of one gateway.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub cluster: String,
-    pub trust_domain: TrustDomain,
-    pub id: SpiffeId,
-    pub resolver: Resolver,
-    pub catalog: Arc<dyn Catalog>,
-    pub control: Option<Arc<dyn ControlHandler>>,
-    pub local_bundles: BundleSet,
-    pub jwt_leeway: Duration,
-    pub tokens: CallerTokens,
-    pub callers: VerifiedCallers,
-    pub enforcer: Enforcer,
-    pub upstreams: Upstreams,
-    pub service_labels: HashMap<String, BTreeMap<String, String>>,
-    pub tunnel: Arc<Tunnel>,
-    pub metrics: Arc<Metrics>,
-    pub limits: Limits,
-    pub in_flight: AtomicUsize,
-}
+/// Requests in flight, counted so graceful shutdown can wait for them.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(AtomicUsize);
 
-impl Shared {
-    /// Counts a request in flight until the guard drops (graceful shutdown waits on it).
+impl InFlight {
+    /// Counts a request in flight until the guard drops.
     pub(crate) fn begin(&self) -> InFlightRequest<'_> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlightRequest(&self.in_flight)
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightRequest(&self.0)
+    }
+
+    fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -133,7 +121,11 @@ pub struct BoundAddrs {
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
-    shared: Arc<Shared>,
+    id: SpiffeId,
+    cluster: String,
+    metrics: Arc<Metrics>,
+    tunnel: Arc<Tunnel>,
+    in_flight: Arc<InFlight>,
     svid: Arc<SvidStore>,
     addrs: BoundAddrs,
     accept_tasks: Vec<JoinHandle<()>>,
@@ -185,8 +177,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::with_collectors(collectors));
         metrics.svid_expiry.set(unix(svid.not_after()));
 
-        let mut upstreams = Upstreams::default();
-        let mut service_labels = HashMap::new();
+        let mut services = LocalServices::default();
         for service in &config.services {
             let tls = match &service.upstream_spiffe_id {
                 Some(expected) => {
@@ -204,12 +195,9 @@ impl Gateway {
                 }
                 None => None,
             };
-            upstreams.insert(UpstreamService::new(service, tls)?);
-            service_labels.insert(
-                format!("{}.{}", service.name, service.namespace),
-                service.labels.clone(),
-            );
+            services.insert(LocalService::new(service, tls)?);
         }
+        let services = Arc::new(services);
 
         let workload_tls = Arc::new(tls::workload_server(&td, bundles.clone(), svid.clone())?);
         let tunnel_server = tls::tunnel_server(bundles.clone(), svid.clone())?;
@@ -262,41 +250,72 @@ impl Gateway {
             admin: local_addr(&admin_listener, "admin", config.listeners.admin)?,
         };
 
-        let shared = Arc::new(Shared {
+        let in_flight = Arc::new(InFlight::default());
+        let admission = Arc::new(Admission::new(
+            id.clone(),
+            config.cluster.clone(),
+            policy,
+            quotas,
+            log,
+            metrics.clone(),
+        ));
+        let forwarder = Arc::new(Forwarder::new(
+            tunnel.clone(),
+            CallerTokens::new(issuer.clone(), config.identity.caller_jwt_ttl),
+            config.limits.remote_retries,
+            config.limits.tunnel_timeout,
+            metrics.clone(),
+        ));
+        let source = Arc::new(Source {
             cluster: config.cluster.clone(),
             trust_domain: td.clone(),
-            id,
+            id: id.clone(),
+            admission: admission.clone(),
+            forwarder: forwarder.clone(),
             resolver: Resolver::new(&config.mesh_suffix, config.routes.clone()),
-            catalog,
-            control,
+            catalog: catalog.clone(),
+            services: services.clone(),
             local_bundles: local_bundles.clone(),
             jwt_leeway: config.identity.jwt_leeway,
-            tokens: CallerTokens::new(issuer.clone(), config.identity.caller_jwt_ttl),
-            callers: VerifiedCallers::new(bundles.clone(), config.identity.jwt_leeway),
-            enforcer: Enforcer::new(policy, quotas, log, metrics.clone()),
-            upstreams,
-            service_labels,
-            tunnel: tunnel.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
-            in_flight: AtomicUsize::new(0),
+            in_flight: in_flight.clone(),
+        });
+        let inbound = Arc::new(Inbound {
+            cluster: config.cluster.clone(),
+            trust_domain: td.clone(),
+            admission: admission.clone(),
+            forwarder,
+            services,
+            catalog,
+            control,
+            callers: VerifiedCallers::new(bundles.clone(), config.identity.jwt_leeway),
+            metrics: metrics.clone(),
+            limits: config.limits.clone(),
+            in_flight: in_flight.clone(),
         });
 
         let mut accept_tasks = vec![
-            tokio::spawn(outbound::serve_tls(shared.clone(), workload, workload_tls)),
-            tokio::spawn(inbound::serve(shared.clone())),
+            tokio::spawn(source::serve_tls(source.clone(), workload, workload_tls)),
+            tokio::spawn(inbound::serve(inbound)),
         ];
         if let Some(local) = local {
-            accept_tasks.push(tokio::spawn(outbound::serve_local(shared.clone(), local)));
+            accept_tasks.push(tokio::spawn(source::serve_local(source, local)));
         }
         let background = vec![
-            tokio::spawn(admin::serve(shared.clone(), admin_listener)),
+            tokio::spawn(admin::serve(
+                Arc::new(admin::AdminParts {
+                    metrics: metrics.clone(),
+                    admission,
+                }),
+                admin_listener,
+            )),
             tokio::spawn(keep_identity_fresh(
                 issuer,
                 svid.clone(),
                 bundles,
                 local_bundles,
-                metrics,
+                metrics.clone(),
                 IDENTITY_TICK.min(config.identity.svid_ttl / 8),
             )),
         ];
@@ -309,7 +328,11 @@ impl Gateway {
             "gateway started"
         );
         Ok(Gateway {
-            shared,
+            id,
+            cluster: config.cluster.clone(),
+            metrics,
+            tunnel,
+            in_flight,
             svid,
             addrs,
             accept_tasks,
@@ -325,12 +348,12 @@ impl Gateway {
 
     /// The gateway's SPIFFE ID.
     pub fn id(&self) -> &SpiffeId {
-        &self.shared.id
+        &self.id
     }
 
     /// The gateway's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.metrics
+        &self.metrics
     }
 
     /// When the gateway's current SVID expires.
@@ -340,13 +363,13 @@ impl Gateway {
 
     /// A handle for control requests to peer gateways (federation).
     pub fn control_client(&self) -> crate::tunnel::ControlClient {
-        crate::tunnel::ControlClient::new(self.shared.tunnel.clone())
+        crate::tunnel::ControlClient::new(self.tunnel.clone())
     }
 
     /// Closes every tunnel connection with `td`'s gateways (a removed federation link; the
     /// caller also removes the bundle, so new handshakes fail).
     pub fn disconnect_trust_domain(&self, td: &TrustDomain) {
-        self.shared.tunnel.close_trust_domain(td);
+        self.tunnel.close_trust_domain(td);
     }
 
     /// Graceful shutdown: stop accepting, let requests in flight finish (up to the drain
@@ -356,16 +379,14 @@ impl Gateway {
             task.abort();
         }
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        while self.shared.in_flight.load(Ordering::Acquire) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.shared.tunnel.close();
+        self.tunnel.close();
         for task in &self.background {
             task.abort();
         }
-        tracing::info!(cluster = %self.shared.cluster, "gateway stopped");
+        tracing::info!(cluster = %self.cluster, "gateway stopped");
     }
 }
 

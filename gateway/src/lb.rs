@@ -161,37 +161,45 @@ impl Drop for InFlight<'_> {
 /// is ejected, the one whose ejection ends first (better a likely failure than none at all).
 /// `random` supplies two random numbers (tests pass fixed ones).
 pub fn pick(endpoints: &[Endpoint], now: Instant, random: (usize, usize)) -> Option<&Endpoint> {
-    pick_avoiding(endpoints, now, random, None)
+    pick_avoiding(endpoints, now, random, &[]).map(|(_, e)| e)
 }
 
-/// Like [`pick`], but a retry avoids the endpoint that just failed when another is healthy.
+/// Like [`pick`], but a retry avoids the endpoints (by index) that already failed this
+/// request while another healthy one is left. Returns the index with the endpoint.
 pub fn pick_avoiding<'a>(
     endpoints: &'a [Endpoint],
     now: Instant,
     random: (usize, usize),
-    avoid: Option<&Endpoint>,
-) -> Option<&'a Endpoint> {
+    avoid: &[usize],
+) -> Option<(usize, &'a Endpoint)> {
     for e in endpoints {
         e.expire_ejection(now);
     }
-    let mut healthy: Vec<&Endpoint> = endpoints.iter().filter(|e| !e.is_ejected(now)).collect();
-    if let Some(avoid) = avoid
-        && healthy.len() > 1
-    {
-        healthy.retain(|e| !std::ptr::eq(*e, avoid));
+    let mut healthy: Vec<(usize, &Endpoint)> = endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.is_ejected(now))
+        .collect();
+    if healthy.iter().any(|(i, _)| !avoid.contains(i)) {
+        healthy.retain(|(i, _)| !avoid.contains(i));
     }
     match healthy.len() {
         0 => endpoints
             .iter()
-            .min_by_key(|e| e.ejection.lock().ok().and_then(|j| j.until)),
+            .enumerate()
+            .min_by_key(|(_, e)| e.ejection.lock().ok().and_then(|j| j.until)),
         1 => Some(healthy[0]),
         n => {
             let a = healthy[random.0 % n];
             let mut b = healthy[random.1 % n];
-            if std::ptr::eq(a, b) {
+            if a.0 == b.0 {
                 b = healthy[(random.1 + 1) % n];
             }
-            Some(if a.score(now) <= b.score(now) { a } else { b })
+            Some(if a.1.score(now) <= b.1.score(now) {
+                a
+            } else {
+                b
+            })
         }
     }
 }
@@ -341,20 +349,18 @@ mod tests {
         let eps = endpoints(2);
         let now = Instant::now();
         for r in 0..20 {
+            assert_eq!(pick_avoiding(&eps, now, (r, r * 3), &[0]).unwrap().0, 1);
+        }
+        // Every endpoint that failed this request is avoided while another is left.
+        let three = endpoints(3);
+        for r in 0..20 {
             assert_eq!(
-                pick_avoiding(&eps, now, (r, r * 3), Some(&eps[0]))
-                    .unwrap()
-                    .addr,
-                eps[1].addr
+                pick_avoiding(&three, now, (r, r * 5), &[0, 2]).unwrap().0,
+                1
             );
         }
         // With one endpoint there is nothing else to try.
-        assert_eq!(
-            pick_avoiding(&eps[..1], now, (0, 0), Some(&eps[0]))
-                .unwrap()
-                .addr,
-            eps[0].addr
-        );
+        assert_eq!(pick_avoiding(&eps[..1], now, (0, 0), &[0]).unwrap().0, 0);
     }
 
     #[test]

@@ -24,6 +24,19 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+impl RequestLabels {
+    /// Labels of a request not yet decided (refused by default, until it is known better).
+    pub(crate) fn new(direction: &'static str, source: &str) -> Self {
+        Self {
+            direction,
+            source: source.to_owned(),
+            destination: "unknown".to_owned(),
+            decision: "deny",
+            status: 0,
+        }
+    }
+}
+
 /// Labels of a failed handshake.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -167,6 +180,16 @@ impl Metrics {
     }
 
     /// Counts a failed handshake.
+    /// Counts one answered request and its latency.
+    pub(crate) fn observe(&self, labels: RequestLabels, elapsed: std::time::Duration) {
+        self.latency
+            .get_or_create(&DirectionLabels {
+                direction: labels.direction,
+            })
+            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&labels).inc();
+    }
+
     pub fn handshake_failed(&self, listener: &'static str, reason: impl Into<String>) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels {

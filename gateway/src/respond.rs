@@ -2,8 +2,8 @@
 
 use http::{HeaderValue, Response, StatusCode, header};
 
+use crate::admission::Refusal;
 use crate::body::{self, GatewayBody};
-use crate::enforce::Verdict;
 use crate::headers::DECISION_ID_HEADER;
 
 /// A plain-text response.
@@ -17,30 +17,17 @@ pub fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {
     resp
 }
 
-/// The response for a refused verdict: 403 (or `status`) on deny, 429 with `Retry-After` on
-/// quota, 503 on internal failure.
-pub fn refusal(verdict: &Verdict, status: StatusCode) -> Response<GatewayBody> {
-    match verdict {
-        Verdict::Allow => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "meshgate: allowed request without a response",
-        ),
-        Verdict::Deny(reason) => error(status, &format!("meshgate: denied: {reason}")),
-        Verdict::QuotaExceeded(retry_after) => {
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            let mut resp = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "meshgate: rate quota exceeded",
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            resp
-        }
-        Verdict::Error(reason) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("meshgate: refused: {reason}"),
-        ),
+/// The answer to a refused request: its status and message, `Retry-After` for a quota,
+/// and the id of its decision record.
+pub(crate) fn refusal(refusal: &Refusal) -> Response<GatewayBody> {
+    let mut resp = error(refusal.status, &refusal.message);
+    if let Some(retry_after) = refusal.retry_after {
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
+    set_decision_id(&mut resp, &refusal.decision_id);
+    resp
 }
 
 /// Sets `x-meshgate-decision-id`.

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use meshgate_identity::{SpiffeId, TrustDomain};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
+use crate::caller::SentRefs;
 use crate::metrics::Metrics;
 
 /// The server name a dialing gateway hands quinn. Peer identity is checked by the SPIFFE
@@ -59,11 +60,44 @@ type OpenConnections = HashMap<usize, (TrustDomain, quinn::Connection)>;
 pub(crate) type ClientTlsFactory =
     Box<dyn Fn(&TrustDomain) -> Result<rustls::ClientConfig, String> + Send + Sync>;
 
-type LinkSlot = Arc<tokio::sync::Mutex<Option<PeerLink>>>;
+/// One peer gateway (address and trust domain): its live connection, and a lock only dials
+/// take, so that concurrent requests to a peer without a connection share one dial.
+#[derive(Default)]
+struct Slot {
+    link: Mutex<Option<Arc<PeerLink>>>,
+    dialing: tokio::sync::Mutex<()>,
+}
 
-struct PeerLink {
+/// A connection to a peer gateway with its HTTP/3 request sender and the caller references
+/// sent on it.
+pub(crate) struct PeerLink {
     conn: quinn::Connection,
     send: SendRequest,
+    /// Caller tokens bound to reference numbers on this connection (see `caller`).
+    pub refs: SentRefs,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLink")
+            .field("peer", &self.conn.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerLink {
+    fn usable(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// Opens a request stream on this connection (no lock is held: the sender is cloned).
+    pub(crate) async fn send_request(
+        &self,
+        request: http::Request<()>,
+    ) -> Result<ClientStream, h3::error::StreamError> {
+        let mut send = self.send.clone();
+        send.send_request(request).await
+    }
 }
 
 /// The gateway's QUIC endpoint and its peer connections.
@@ -72,10 +106,11 @@ pub struct Tunnel {
     client_tls: ClientTlsFactory,
     max_streams: u32,
     dead_after: Duration,
-    links: Mutex<HashMap<(SocketAddr, TrustDomain), LinkSlot>>,
-    /// When a dial to an address last failed: calls fail fast (and fail over) instead of
-    /// each waiting out a handshake timeout against a dead peer.
-    unreachable: Mutex<HashMap<SocketAddr, std::time::Instant>>,
+    slots: Mutex<HashMap<(SocketAddr, TrustDomain), Arc<Slot>>>,
+    /// When a dial to a peer last failed: calls fail fast (and fail over) instead of each
+    /// waiting out a handshake timeout against a dead peer. Keyed by the peer (address and
+    /// trust domain), so a peer advertising another's address cannot black-hole it.
+    unreachable: Mutex<HashMap<(SocketAddr, TrustDomain), std::time::Instant>>,
     /// Every open connection, dialed or accepted, with the peer's trust domain.
     open: Arc<Mutex<OpenConnections>>,
     metrics: Arc<Metrics>,
@@ -110,7 +145,7 @@ impl Tunnel {
             client_tls,
             max_streams,
             dead_after,
-            links: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
             open: Arc::new(Mutex::new(HashMap::new())),
             metrics,
@@ -126,81 +161,67 @@ impl Tunnel {
         &self.endpoint
     }
 
-    /// Opens a request stream to the gateway at `addr` of trust domain `td`, dialing or
-    /// reusing the one connection to it. A dead cached connection is replaced once.
-    pub(crate) async fn open_stream(
-        &self,
-        addr: SocketAddr,
-        td: &TrustDomain,
-        request: http::Request<()>,
-    ) -> Result<ClientStream, TunnelError> {
-        self.open(addr, td, request, false).await
+    fn slot(&self, addr: SocketAddr, td: &TrustDomain) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry((addr, td.clone())).or_default().clone()
     }
 
-    /// `probe`: control traffic (federation sync) always dials, and does not mark the peer
-    /// unreachable for data traffic when it fails; it clears the mark when it succeeds.
-    async fn open(
+    /// The live connection to the gateway at `addr` of trust domain `td`, dialed if there is
+    /// none. Requests on a live connection take no lock across an await; only dials wait for
+    /// each other. A peer that could not be dialed within the last two seconds fails at once
+    /// (unless `probe`, for control traffic, which always dials and clears the mark).
+    pub(crate) async fn link(
         &self,
         addr: SocketAddr,
         td: &TrustDomain,
-        request: http::Request<()>,
         probe: bool,
-    ) -> Result<ClientStream, TunnelError> {
-        let slot = {
-            let mut links = self.links.lock().map_err(|_| poisoned(addr))?;
-            links.entry((addr, td.clone())).or_default().clone()
-        };
-        let mut link = slot.lock().await;
-        for attempt in 0..2 {
-            let reusable = link
-                .as_ref()
-                .is_some_and(|l| l.conn.close_reason().is_none());
-            if !reusable {
-                if !probe {
-                    self.check_reachable(addr)?;
+    ) -> Result<Arc<PeerLink>, TunnelError> {
+        let slot = self.slot(addr, td);
+        if let Some(link) = current(&slot) {
+            return Ok(link);
+        }
+        let _dialing = slot.dialing.lock().await;
+        // Someone else may have dialed while this call waited.
+        if let Some(link) = current(&slot) {
+            return Ok(link);
+        }
+        if !probe {
+            self.check_reachable(addr, td)?;
+        }
+        match self.dial(addr, td).await {
+            Ok(link) => {
+                let link = Arc::new(link);
+                if let Ok(mut u) = self.unreachable.lock() {
+                    u.remove(&(addr, td.clone()));
                 }
-                match self.dial(addr, td).await {
-                    Ok(l) => {
-                        if let Ok(mut u) = self.unreachable.lock() {
-                            u.remove(&addr);
-                        }
-                        *link = Some(l);
-                    }
-                    Err(e) => {
-                        if !probe && let Ok(mut u) = self.unreachable.lock() {
-                            u.insert(addr, std::time::Instant::now());
-                        }
-                        return Err(e);
-                    }
-                }
+                *slot.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
+                Ok(link)
             }
-            let Some(l) = link.as_mut() else { continue };
-            match l.send.send_request(request.clone()).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) if attempt == 0 => {
-                    tracing::debug!(peer = %addr, error = %e, "peer connection unusable; redialing");
-                    *link = None;
+            Err(e) => {
+                if !probe && let Ok(mut u) = self.unreachable.lock() {
+                    u.insert((addr, td.clone()), std::time::Instant::now());
                 }
-                Err(e) => {
-                    return Err(TunnelError::H3 {
-                        addr,
-                        reason: e.to_string(),
-                    });
-                }
+                Err(e)
             }
         }
-        Err(TunnelError::H3 {
-            addr,
-            reason: "no usable connection".to_owned(),
-        })
     }
 
-    fn check_reachable(&self, addr: SocketAddr) -> Result<(), TunnelError> {
+    /// Forgets `link` if it is still the peer's current one (it failed to open a stream), so
+    /// the next request dials afresh.
+    pub(crate) fn discard(&self, addr: SocketAddr, td: &TrustDomain, link: &Arc<PeerLink>) {
+        let slot = self.slot(addr, td);
+        let mut current = slot.link.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, link)) {
+            *current = None;
+        }
+    }
+
+    fn check_reachable(&self, addr: SocketAddr, td: &TrustDomain) -> Result<(), TunnelError> {
         let recent = self
             .unreachable
             .lock()
             .ok()
-            .and_then(|u| u.get(&addr).copied())
+            .and_then(|u| u.get(&(addr, td.clone())).copied())
             .is_some_and(|t| t.elapsed() < DIAL_BACKOFF);
         if recent {
             return Err(TunnelError::Connect {
@@ -255,7 +276,11 @@ impl Tunnel {
             tracing::debug!(peer = %addr, %reason, "peer connection closed");
         });
         tracing::info!(peer = %addr, trust_domain = %td, "connected to peer gateway");
-        Ok(PeerLink { conn, send })
+        Ok(PeerLink {
+            conn,
+            send,
+            refs: SentRefs::default(),
+        })
     }
 
     /// Records an open connection (dialed or accepted) so link removal can close it.
@@ -292,8 +317,8 @@ impl Tunnel {
             }
         });
         self.metrics.quic_connections.set(open.len() as i64);
-        if let Ok(mut links) = self.links.lock() {
-            links.retain(|(_, peer_td), _| peer_td != td);
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.retain(|(_, peer_td), _| peer_td != td);
         }
     }
 
@@ -304,11 +329,14 @@ impl Tunnel {
     }
 }
 
-fn poisoned(addr: SocketAddr) -> TunnelError {
-    TunnelError::H3 {
-        addr,
-        reason: "internal lock poisoned".to_owned(),
-    }
+/// The slot's connection, if it is still open.
+fn current(slot: &Slot) -> Option<Arc<PeerLink>> {
+    slot.link
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .filter(|l| l.usable())
+        .cloned()
 }
 
 /// QUIC settings: keep-alives every quarter of `dead_after` keep NAT bindings open and let
@@ -396,10 +424,22 @@ impl ControlClient {
                 addr,
                 reason: e.to_string(),
             })?;
-        let stream = self
-            .tunnel
-            .open(addr, td, http::Request::from_parts(parts, ()), true)
-            .await?;
+        let request = http::Request::from_parts(parts, ());
+        let link = self.tunnel.link(addr, td, true).await?;
+        let stream = match link.send_request(request.clone()).await {
+            Ok(stream) => stream,
+            Err(_) => {
+                // A stale connection: dial once more.
+                self.tunnel.discard(addr, td, &link);
+                let link = self.tunnel.link(addr, td, true).await?;
+                link.send_request(request)
+                    .await
+                    .map_err(|e| TunnelError::H3 {
+                        addr,
+                        reason: e.to_string(),
+                    })?
+            }
+        };
         let (mut send, mut recv) = stream.split();
         let h3 = |e: h3::error::StreamError| TunnelError::H3 {
             addr,

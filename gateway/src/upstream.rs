@@ -1,14 +1,15 @@
-//! Forwarding to a local service's endpoints: connection pools, load balancing, per-try
-//! timeouts, retries of idempotent body-less requests within a budget, outlier ejection and a
-//! cap on requests in flight (circuit breaking).
+//! A local service's upstream side: connection pools, load balancing over its endpoints,
+//! the per-try timeout, outlier ejection and a cap on requests in flight (circuit breaking).
+//! One call here is one attempt; retries are decided by the one retry layer (`forward`).
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, Uri};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::body::GatewayBody;
 use crate::config::ServiceConfig;
-use crate::lb::{self, Endpoint, RetryBudget};
+use crate::lb::{self, Endpoint};
 
 /// Requests in flight per service before new ones are refused (circuit breaking).
 const MAX_IN_FLIGHT: usize = 4096;
@@ -87,32 +88,44 @@ enum Pool {
     Tls(Client<HttpsConnector<HttpConnector>, GatewayBody>),
 }
 
-/// One local service's upstream side.
-pub struct UpstreamService {
+/// One service of this cluster: its endpoints, connection pools and settings.
+pub(crate) struct LocalService {
+    /// `service.namespace`.
     name: String,
+    service: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
     tls: Option<Arc<rustls::ClientConfig>>,
     endpoints: Vec<Endpoint>,
     pool: Pool,
     scheme: &'static str,
     timeout: Duration,
     retries: u32,
-    budget: RetryBudget,
     in_flight: AtomicUsize,
 }
 
-impl std::fmt::Debug for UpstreamService {
+impl std::fmt::Debug for LocalService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamService")
+        f.debug_struct("LocalService")
             .field("name", &self.name)
             .field("scheme", &self.scheme)
             .finish()
     }
 }
 
-impl UpstreamService {
+/// A request in flight to a service, counted for circuit breaking until dropped.
+pub(crate) struct Admitted<'a>(&'a AtomicUsize);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl LocalService {
     /// Builds a service from config. `tls` is the mTLS client config (our SVID, a verifier
     /// expecting the upstream's SPIFFE ID) when the service has `upstream_spiffe_id`.
-    pub fn new(
+    pub(crate) fn new(
         config: &ServiceConfig,
         tls: Option<rustls::ClientConfig>,
     ) -> Result<Self, UpstreamConfigError> {
@@ -144,7 +157,7 @@ impl UpstreamService {
         let builder = {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(64);
+                .pool_max_idle_per_host(256);
             b
         };
         let tls_raw = tls.clone().map(Arc::new);
@@ -170,6 +183,9 @@ impl UpstreamService {
         };
         Ok(Self {
             name,
+            service: config.name.clone(),
+            namespace: config.namespace.clone(),
+            labels: config.labels.clone(),
             tls: tls_raw,
             endpoints: config
                 .endpoints
@@ -181,80 +197,101 @@ impl UpstreamService {
             scheme,
             timeout: config.timeout,
             retries: config.retries,
-            budget: RetryBudget::new(0.2, 10, 10),
             in_flight: AtomicUsize::new(0),
         })
     }
 
-    /// Forwards a request (origin-form path in the URI) to one endpoint, retrying idempotent
-    /// body-less requests on connect errors, timeouts and 502/503/504 within the budget.
-    pub async fn forward(
+    /// `service.namespace`.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `service.namespace.cluster`: the Cedar resource id.
+    pub(crate) fn in_cluster(&self, cluster: &str) -> String {
+        format!("{}.{}.{cluster}", self.service, self.namespace)
+    }
+
+    /// The service name and namespace.
+    pub(crate) fn parts(&self) -> (&str, &str) {
+        (&self.service, &self.namespace)
+    }
+
+    /// Labels, visible to Cedar as tags of the service.
+    pub(crate) fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    /// How many times a request that enters the mesh here may be retried.
+    pub(crate) fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// Counts a request in flight; `None` when the circuit is open (too many in flight).
+    pub(crate) fn admit(&self) -> Result<Admitted<'_>, UpstreamError> {
+        let n = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        let guard = Admitted(&self.in_flight);
+        if n > MAX_IN_FLIGHT {
+            return Err(UpstreamError::CircuitOpen(n));
+        }
+        Ok(guard)
+    }
+
+    /// One attempt: picks an endpoint (avoiding those in `avoid` while another is healthy),
+    /// sends, and records the outcome for load balancing and ejection. Returns the endpoint's
+    /// index with the result; a 502/503/504 from the upstream counts as the endpoint failing
+    /// but is returned as an answer.
+    pub(crate) async fn attempt(
         &self,
-        req: Request<GatewayBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-        let _guard = InFlightGuard(&self.in_flight);
-        if in_flight > MAX_IN_FLIGHT {
-            return Err(UpstreamError::CircuitOpen(in_flight));
-        }
-        self.budget.deposit();
-        let retryable = is_idempotent(req.method()) && req.body().is_end_stream();
-        let (parts, body) = req.into_parts();
-        let mut body = Some(body);
-        let mut attempt = 0u32;
-        let mut failed: Option<&Endpoint> = None;
-        loop {
-            let endpoint = lb::pick_avoiding(
-                &self.endpoints,
-                Instant::now(),
-                (
-                    rand::random::<u32>() as usize,
-                    rand::random::<u32>() as usize,
-                ),
-                failed,
-            )
-            .ok_or(UpstreamError::NoEndpoints)?;
-            let body = body.take().unwrap_or_else(crate::body::empty);
-            let request = self.build(&parts, endpoint, body)?;
-            let started = Instant::now();
-            let inflight = endpoint.start();
-            let result = tokio::time::timeout(self.timeout, self.send(request)).await;
-            let outcome = match result {
-                Ok(Ok(resp)) if !is_retryable_status(resp.status()) => {
-                    inflight.success(started.elapsed());
-                    return Ok(resp);
-                }
-                Ok(Ok(resp)) => {
-                    inflight.failure(Instant::now());
-                    Ok(resp)
-                }
-                Ok(Err(source)) => {
-                    inflight.failure(Instant::now());
-                    Err(UpstreamError::Failed {
-                        endpoint: endpoint.addr.clone(),
-                        source,
-                    })
-                }
-                Err(_) => {
-                    inflight.failure(Instant::now());
-                    Err(UpstreamError::Timeout {
-                        endpoint: endpoint.addr.clone(),
-                        timeout: self.timeout,
-                    })
-                }
-            };
-            attempt += 1;
-            if !retryable || attempt > self.retries || !self.budget.withdraw(Instant::now()) {
-                return outcome;
+        parts: &http::request::Parts,
+        body: GatewayBody,
+        avoid: &[usize],
+    ) -> (usize, Result<Response<Incoming>, UpstreamError>) {
+        let random = (
+            rand::random::<u32>() as usize,
+            rand::random::<u32>() as usize,
+        );
+        let Some((index, endpoint)) =
+            lb::pick_avoiding(&self.endpoints, Instant::now(), random, avoid)
+        else {
+            return (0, Err(UpstreamError::NoEndpoints));
+        };
+        let request = match self.build(parts, endpoint, body) {
+            Ok(r) => r,
+            Err(e) => return (index, Err(e)),
+        };
+        let started = Instant::now();
+        let inflight = endpoint.start();
+        let result = tokio::time::timeout(self.timeout, self.send(request)).await;
+        let result = match result {
+            Ok(Ok(resp)) if !is_retryable_status(resp.status()) => {
+                inflight.success(started.elapsed());
+                Ok(resp)
             }
-            tracing::debug!(service = %self.name, endpoint = %endpoint.addr, attempt, "retrying upstream request");
-            failed = Some(endpoint);
-        }
+            Ok(Ok(resp)) => {
+                inflight.failure(Instant::now());
+                Ok(resp)
+            }
+            Ok(Err(source)) => {
+                inflight.failure(Instant::now());
+                Err(UpstreamError::Failed {
+                    endpoint: endpoint.addr.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                inflight.failure(Instant::now());
+                Err(UpstreamError::Timeout {
+                    endpoint: endpoint.addr.clone(),
+                    timeout: self.timeout,
+                })
+            }
+        };
+        (index, result)
     }
 
     /// Opens a raw byte stream to one endpoint (for `CONNECT`): TCP, wrapped in mTLS when the
     /// service is configured with an upstream SPIFFE ID.
-    pub async fn connect_tcp(&self) -> std::io::Result<Box<dyn Io>> {
+    pub(crate) async fn connect_tcp(&self) -> std::io::Result<Box<dyn Io>> {
         let endpoint = lb::pick(
             &self.endpoints,
             Instant::now(),
@@ -349,22 +386,16 @@ impl UpstreamService {
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
-struct InFlightGuard<'a>(&'a AtomicUsize);
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-fn is_idempotent(method: &Method) -> bool {
+/// Whether a request may be sent twice: idempotent methods (RFC 9110 §9.2.2).
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     )
 }
 
-fn is_retryable_status(status: http::StatusCode) -> bool {
+/// Statuses that say the upstream did not serve the request: retried where allowed.
+pub(crate) fn is_retryable_status(status: http::StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504)
 }
 
@@ -375,21 +406,21 @@ pub fn is_loopback_host(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// All upstream services of this cluster, by `service.namespace`.
+/// All services of this cluster, by `service.namespace`.
 #[derive(Debug, Default)]
-pub struct Upstreams {
-    services: std::collections::HashMap<String, Arc<UpstreamService>>,
+pub(crate) struct LocalServices {
+    services: HashMap<String, Arc<LocalService>>,
 }
 
-impl Upstreams {
+impl LocalServices {
     /// Adds a service.
-    pub fn insert(&mut self, service: UpstreamService) {
+    pub(crate) fn insert(&mut self, service: LocalService) {
         self.services
             .insert(service.name.clone(), Arc::new(service));
     }
 
     /// The service `service.namespace`.
-    pub fn get(&self, name: &str) -> Option<&Arc<UpstreamService>> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<LocalService>> {
         self.services.get(name)
     }
 }
@@ -415,16 +446,15 @@ mod tests {
     #[test]
     fn plaintext_only_to_loopback() {
         assert!(
-            UpstreamService::new(&config(&["127.0.0.1:80", "localhost:81", "[::1]:82"]), None)
-                .is_ok()
+            LocalService::new(&config(&["127.0.0.1:80", "localhost:81", "[::1]:82"]), None).is_ok()
         );
-        let err = UpstreamService::new(&config(&["10.0.0.1:80"]), None).unwrap_err();
+        let err = LocalService::new(&config(&["10.0.0.1:80"]), None).unwrap_err();
         assert!(err.to_string().contains("insecure_plaintext"), "{err}");
         let mut insecure = config(&["10.0.0.1:80"]);
         insecure.insecure_plaintext = true;
-        assert!(UpstreamService::new(&insecure, None).is_ok());
+        assert!(LocalService::new(&insecure, None).is_ok());
         assert!(matches!(
-            UpstreamService::new(&config(&["nohost"]), None),
+            LocalService::new(&config(&["nohost"]), None),
             Err(UpstreamConfigError::BadEndpoint { .. })
         ));
     }

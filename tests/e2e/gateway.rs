@@ -5,11 +5,13 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Client, Cluster, Spec, echo_upstream, futures_stream, service, tcp_echo};
+use crate::support::{
+    ChannelStream, Client, Cluster, Spec, echo_upstream, futures_stream, service, tcp_echo,
+};
 
 pub const WEST_POLICIES: &str = r#"
 @id("shop-reads-orders")
@@ -295,28 +297,60 @@ async fn http2_and_grpc_trailers_pass() {
 
 #[tokio::test]
 async fn large_bodies_stream_both_ways() {
-    const SIZE: usize = 256 * 1024 * 1024;
+    // Up and back in lock step through both gateways and the tunnel: each 1 MiB chunk is
+    // sent only after the previous one came back from the upstream. A hop that held a
+    // whole body before passing it on would stall this for ever, so passing proves every hop
+    // streams, however slow the machine (no timeout is raced: the upstream answers at once).
+    // 48 MiB is more than every window and buffer on the path (QUIC stream and connection
+    // windows, hyper's buffers, the gateways' channels).
+    const CHUNK: usize = 1024 * 1024;
+    const CHUNKS: usize = 48;
     let (east, _west) = east_west().await;
     let client = web_client(&east);
-    // Upload: 256 MiB in 1 MiB chunks, generated lazily (never held in memory).
-    let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
-    let frames = (0..SIZE / chunk.len())
-        .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
-    let req = Request::post("/upload")
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    let req = Request::post("/stream-echo")
         .header("host", "orders.shop.west.mesh")
-        .body(StreamBody::new(futures_stream(frames)))
+        .body(StreamBody::new(ChannelStream(rx)))
         .unwrap();
-    let reply = client.send(req).await.unwrap();
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_eq!(reply.json()["body_len"], SIZE);
-    // Download: counted frame by frame.
+    let resp = client.open(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("x-meshgate-decision-id"));
+    let mut body = resp.into_body();
+    for i in 0..CHUNKS {
+        let byte = i as u8;
+        tx.send(Ok(Frame::data(Bytes::from(vec![byte; CHUNK]))))
+            .await
+            .unwrap();
+        let mut got = 0;
+        while got < CHUNK {
+            let frame = body.frame().await.expect("the echo ended early").unwrap();
+            let data = frame.into_data().unwrap();
+            assert!(
+                data.iter().all(|b| *b == byte),
+                "chunk {i} came back changed"
+            );
+            got += data.len();
+        }
+        assert_eq!(got, CHUNK, "chunk {i}");
+    }
+    drop(tx);
+    while let Some(frame) = body.frame().await {
+        assert!(frame.unwrap().into_data().map_or(true, |d| d.is_empty()));
+    }
+    // Download: 64 MiB, counted as it arrives.
+    const SIZE: usize = 64 * 1024 * 1024;
     let req = Request::get(format!("/bytes/{SIZE}"))
         .header("host", "orders.shop.west.mesh")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let reply = client.send(req).await.unwrap();
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.body.len(), SIZE);
+    let resp = client.open(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        len += frame.unwrap().into_data().map_or(0, |d| d.len());
+    }
+    assert_eq!(len, SIZE);
 }
 
 #[tokio::test]

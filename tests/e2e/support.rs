@@ -368,6 +368,24 @@ impl Client {
         B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let resp = self.open(req).await?;
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().cloned();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+            trailers,
+        })
+    }
+
+    /// Sends one request and returns the response with its body still streaming.
+    pub async fn open<B>(&self, req: Request<B>) -> Result<Response<Incoming>, String>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let tls = self.connect().await.map_err(|e| e.to_string())?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
@@ -385,15 +403,7 @@ impl Client {
             tokio::spawn(conn.with_upgrades());
             sender.send_request(req).await.map_err(|e| e.to_string())?
         };
-        let (parts, body) = resp.into_parts();
-        let collected = body.collect().await.map_err(|e| e.to_string())?;
-        let trailers = collected.trailers().cloned();
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: collected.to_bytes(),
-            trailers,
-        })
+        Ok(resp)
     }
 
     pub async fn get(&self, authority: &str, path: &str) -> Result<Reply, String> {
@@ -463,6 +473,10 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, std::convert
         });
         let body = StreamBody::new(futures_stream(frames));
         return Ok(Response::new(body.boxed()));
+    }
+    if path == "/stream-echo" {
+        // Answers at once and sends back every chunk as it arrives.
+        return Ok(Response::new(Mirror(req.into_body()).boxed()));
     }
     if let Some(ms) = path.strip_prefix("/delay/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
@@ -535,6 +549,37 @@ impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<I::Item>> {
         std::task::Poll::Ready(self.0.next())
+    }
+}
+
+/// A `Stream` over a channel's receiver.
+pub struct ChannelStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ChannelStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// A body that mirrors a request's body (data and trailers) as it arrives; an error ends it.
+struct Mirror(Incoming);
+
+impl hyper::body::Body for Mirror {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match std::pin::Pin::new(&mut self.0).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => std::task::Poll::Ready(Some(Ok(frame))),
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 
