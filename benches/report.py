@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-PROXIES = ("nginx", "meshgate")
+PROXIES = ("nginx", "meshgate", "meshgate-power")
 # oha reports requests still in flight at the end of `-z` as errors; they are not failures.
 DEADLINE_ERRORS = ("aborted due to deadline", "deadline")
 
@@ -66,6 +66,7 @@ def analyse_run(row, results):
         "cpu_s": int(row["cpu_ticks"]) / CLK_TCK,
         "rss_max_mib": int(row["rss_max_kib"]) / 1024.0,
         "pss_max_mib": int(row.get("pss_max_kib") or 0) / 1024.0,
+        "rss_one_max_mib": int(row.get("rss_one_max_kib") or 0) / 1024.0,
         "loadavg1": row.get("loadavg1", ""),
     }
 
@@ -98,6 +99,7 @@ def main():
     idle_rows = load_tsv(os.path.join(results, "idle.tsv"))
     idle = {r["path"]: int(r["rss_idle_kib"]) / 1024.0 for r in idle_rows}
     idle_pss = {r["path"]: int(r.get("pss_idle_kib") or 0) / 1024.0 for r in idle_rows}
+    idle_one = {r["path"]: int(r.get("rss_one_idle_kib") or 0) / 1024.0 for r in idle_rows}
 
     latency = [r for r in runs if r["phase"] == "latency"]
     saturation = [r for r in runs if r["phase"] == "saturation"]
@@ -121,23 +123,25 @@ def main():
     def m(rows, path, key):
         return med(r.get(key) for r in rows if r["path"] == path)
 
+    def cols(rows_, key, direct=True):
+        return (m(rows_, "direct", key) if direct else None,
+                m(rows_, "nginx", key), m(rows_, "meshgate", key), m(rows_, "meshgate-power", key))
+
     rows = []
-    for label, key in (("p50", "p50"), ("p90", "p90"), ("p99", "p99")):
-        rows.append((f"latency {label} at {RATE} rps (ms)",
-                     m(latency, "direct", key), m(latency, "nginx", key), m(latency, "meshgate", key), True))
     for label in ("p50", "p90", "p99"):
-        rows.append((f"**added latency {label}** (ms, paired)", None,
-                     m(latency, "nginx", "added_" + label), m(latency, "meshgate", "added_" + label), True))
-    rows.append(("**max rps** (unthrottled, %s conns)" % SAT_CONNS,
-                 m(saturation, "direct", "rps"), m(saturation, "nginx", "rps"), m(saturation, "meshgate", "rps"), True))
-    rows.append(("**CPU-s per 1000 req** at saturation (proxies)", None,
-                 m(saturation, "nginx", "cpu_per_1k"), m(saturation, "meshgate", "cpu_per_1k"), True))
-    rows.append(("**RSS idle** (MiB, proxies)", None, idle.get("nginx"), idle.get("meshgate"), True))
-    rows.append(("**RSS under load** (MiB, max, proxies)", None,
-                 m(saturation, "nginx", "rss_max_mib"), m(saturation, "meshgate", "rss_max_mib"), True))
-    rows.append(("PSS idle (MiB, proxies)", None, idle_pss.get("nginx"), idle_pss.get("meshgate"), True))
-    rows.append(("PSS under load (MiB, max, proxies)", None,
-                 m(saturation, "nginx", "pss_max_mib"), m(saturation, "meshgate", "pss_max_mib"), True))
+        rows.append((f"latency {label} at {RATE} rps (ms)",) + cols(latency, label))
+    for label in ("p50", "p90", "p99"):
+        rows.append((f"**added latency {label}** (ms, paired)",) + cols(latency, "added_" + label, False))
+    rows.append(("**max rps** (unthrottled, %s conns)" % SAT_CONNS,) + cols(saturation, "rps"))
+    rows.append(("**CPU-s per 1000 req** at saturation (proxies)",) + cols(saturation, "cpu_per_1k", False))
+    rows.append(("RSS idle (MiB, sum of the proxies)", None, idle.get("nginx"), idle.get("meshgate"),
+                 idle.get("meshgate-power")))
+    rows.append(("**RSS under load** (MiB, max, sum of the proxies)",) + cols(saturation, "rss_max_mib", False))
+    rows.append(("**RSS under load, one gateway** (MiB, max of either)", None, None,
+                 m(saturation, "meshgate", "rss_one_max_mib"), m(saturation, "meshgate-power", "rss_one_max_mib")))
+    rows.append(("PSS idle (MiB, proxies)", None, idle_pss.get("nginx"), idle_pss.get("meshgate"),
+                 idle_pss.get("meshgate-power")))
+    rows.append(("PSS under load (MiB, max, proxies)",) + cols(saturation, "pss_max_mib", False))
 
     out = []
     w = out.append
@@ -151,10 +155,10 @@ def main():
       "paired per repetition, then the median. Ratio = meshgate ÷ nginx pair (below 1× is "
       "better for meshgate, except max rps where above 1× is better).")
     w("")
-    w("| figure | direct | nginx pair | meshgate | meshgate ÷ nginx |")
-    w("|---|---:|---:|---:|---:|")
-    for label, d, n, mg, _ in rows:
-        w(f"| {label} | {fmt(d)} | {fmt(n)} | {fmt(mg)} | {ratio(mg, n)} |")
+    w("| figure | direct | nginx pair | meshgate (process) | meshgate (power) | process ÷ nginx | power ÷ nginx |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    for label, d, n, mg, mp in rows:
+        w(f"| {label} | {fmt(d)} | {fmt(n)} | {fmt(mg)} | {fmt(mp)} | {ratio(mg, n)} | {ratio(mp, n)} |")
     w("")
 
     w("### Raw: latency runs (fixed rate)")
@@ -178,7 +182,15 @@ def main():
     w("")
     w(f"Idle (after warm-up): nginx pair RSS {fmt(idle.get('nginx'), 1)} MiB / PSS "
       f"{fmt(idle_pss.get('nginx'), 1)} MiB (2 masters + workers), meshgate pair RSS "
-      f"{fmt(idle.get('meshgate'), 1)} MiB / PSS {fmt(idle_pss.get('meshgate'), 1)} MiB (2 processes).")
+      f"{fmt(idle.get('meshgate'), 1)} MiB / PSS {fmt(idle_pss.get('meshgate'), 1)} MiB (2 processes; "
+      f"the larger one {fmt(idle_one.get('meshgate'), 1)} MiB).")
+    stages = os.path.join(results, "stages.md")
+    if os.path.exists(stages):
+        w("")
+        w("### Where a request's time goes (stage counters of the gateways, whole run)")
+        w("")
+        with open(stages) as f:
+            w(f.read().rstrip())
 
     bad = [r for r in runs if r["not_ok"]]
     if bad:

@@ -11,7 +11,10 @@
 #   direct    client → upstream
 #   nginx     client → nginx A (TLS, verifies the client cert) → mTLS → nginx B → upstream
 #   meshgate  client → meshgate east (workload mTLS) → QUIC → meshgate west
-#             (Cedar + quota + decision log) → upstream
+#             (Cedar + quota + decision log) → upstream, with the decision log in
+#             `durability = "process"` mode (the default)
+#   meshgate-power   the same with a second pair in `durability = "power"` mode
+#             (every answer waits for the fdatasync of its decision's batch)
 # Every certificate comes from our own issuer (`meshgate identity init/issue`).
 # The load generator is `oha` at a fixed rate with latency correction, and unthrottled for
 # the maximum rate. Paths alternate within each repetition; the report gives medians, paired
@@ -25,13 +28,15 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: benches/run.sh [--quick] [--reps N] [--duration SECS] [--perf] [--keep] [--results DIR]
+usage: benches/run.sh [--quick] [--reps N] [--duration SECS] [--perf] [--stages] [--keep] [--results DIR]
 
   --quick          smoke test: 2 repetitions, 3 s runs
   --reps N         repetitions (default 5; at least 5 for figures worth quoting)
   --duration SECS  length of each measured run (default 10)
   --perf           after the measured runs, profile both gateways with `perf record`
                    during one extra saturation run (flat profile into the results)
+  --stages         only: start one pair, send 2000 requests at 200 rps, print where one
+                   request's time goes stage by stage on each gateway, and stop
   --keep           keep the temporary directory (configs, certificates, logs)
   --results DIR    where to write the results (default target/meshgate-bench/<UTC time>)
 
@@ -48,6 +53,7 @@ DUR=10
 WARM=3
 QUICK=0
 PERF=0
+STAGES=0
 KEEP=0
 RESULTS=""
 RATE=1000            # fixed request rate of the latency runs
@@ -60,6 +66,7 @@ while [[ $# -gt 0 ]]; do
     --reps) REPS=${2:?--reps needs a number}; shift ;;
     --duration) DUR=${2:?--duration needs seconds}; shift ;;
     --perf) PERF=1 ;;
+    --stages) STAGES=1 ;;
     --keep) KEEP=1 ;;
     --results) RESULTS=${2:?--results needs a directory}; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -151,7 +158,7 @@ cp "$MG" "$WORK/meshgate"
 MG="$WORK/meshgate"
 
 # Free loopback ports (TCP and UDP both free, as the QUIC tunnel needs UDP).
-read -r P_UP P_NA P_NB P_EW P_ET P_EA P_WW P_WT P_WA < <(python3 - 9 <<'EOF'
+read -r P_UP P_NA P_NB P_EW P_ET P_EA P_WW P_WT P_WA Q_EW Q_ET Q_EA Q_WW Q_WT Q_WA < <(python3 - 15 <<'EOF'
 import socket, sys
 n = int(sys.argv[1]); held = []; ports = []
 while len(ports) < n:
@@ -320,18 +327,28 @@ when { context.path like "/admin/*" || context.path == "/admin" };
 EOF
 "$MG" policy validate "$WORK/policies" >"$WORK/logs/policy-validate.out" 2>&1 \
     || die "benchmark policies invalid: $(cat "$WORK/logs/policy-validate.out")"
-cat >"$WORK/west.toml" <<EOF
+# One pair: west (the destination) and east, each in its own copy of the state, with the
+# decision log in the given durability mode.
+mg_pair() { # name durability east-workload east-tunnel east-admin west-workload west-tunnel west-admin
+    local name=$1 mode=$2
+    mkdir -p "$WORK/$name"
+    cp -a "$WORK/east" "$WORK/$name/east"
+    cp -a "$WORK/west" "$WORK/$name/west"
+    cat >"$WORK/$name/west.toml" <<EOT
 cluster = "west"
 trust_domain = "west.example"
-state_dir = "$WORK/west"
+state_dir = "$WORK/$name/west"
 
 [listeners]
-workload = "127.0.0.1:$P_WW"
-tunnel = "127.0.0.1:$P_WT"
-admin = "127.0.0.1:$P_WA"
+workload = "127.0.0.1:$6"
+tunnel = "127.0.0.1:$7"
+admin = "127.0.0.1:$8"
 
 [policy]
 dir = "$WORK/policies"
+
+[audit]
+durability = "$mode"
 
 [[services]]
 name = "orders"
@@ -343,50 +360,98 @@ timeout = "5s"
 [[peers]]
 cluster = "east"
 trust_domain = "east.example"
-gateways = ["127.0.0.1:$P_ET"]
+gateways = ["127.0.0.1:$4"]
 bundle = "$ID/east-bundle.json"
-EOF
-cat >"$WORK/east.toml" <<EOF
+EOT
+    cat >"$WORK/$name/east.toml" <<EOT
 cluster = "east"
 trust_domain = "east.example"
-state_dir = "$WORK/east"
+state_dir = "$WORK/$name/east"
 
 [listeners]
-workload = "127.0.0.1:$P_EW"
-tunnel = "127.0.0.1:$P_ET"
-admin = "127.0.0.1:$P_EA"
+workload = "127.0.0.1:$3"
+tunnel = "127.0.0.1:$4"
+admin = "127.0.0.1:$5"
 
 [policy]
 dir = "$WORK/policies"
 
+[audit]
+durability = "$mode"
+
 [[peers]]
 cluster = "west"
 trust_domain = "west.example"
-gateways = ["127.0.0.1:$P_WT"]
+gateways = ["127.0.0.1:$7"]
 bundle = "$ID/west-bundle.json"
 services = ["orders.shop"]
-EOF
+EOT
+    "$MG" gateway --config "$WORK/$name/west.toml" >"$WORK/logs/$name-west.out" 2>&1 &
+    PAIR_WEST=$!
+    PIDS+=("$PAIR_WEST")
+    "$MG" gateway --config "$WORK/$name/east.toml" >"$WORK/logs/$name-east.out" 2>&1 &
+    PAIR_EAST=$!
+    PIDS+=("$PAIR_EAST")
+    wait_until "meshgate $name west" "$PAIR_WEST" 60 curl -fsS "http://127.0.0.1:$8/readyz"
+    wait_until "meshgate $name east" "$PAIR_EAST" 60 curl -fsS "http://127.0.0.1:$5/readyz"
+    local url="https://localhost:$3/v1/orders/1"
+    wait_until "meshgate $name pair" "$PAIR_EAST" 60 curl -fsS --cacert "$ID/east-bundle.pem" \
+        --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" -H "host: $MG_HOST" "$url"
+    curl -fsS -D "$WORK/logs/$name-head.txt" -o /dev/null --cacert "$ID/east-bundle.pem" \
+        --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" -H "host: $MG_HOST" "$url"
+    grep -qi '^x-meshgate-decision-id:' "$WORK/logs/$name-head.txt" \
+        || die "meshgate $name answered without x-meshgate-decision-id (enforcement not on the path?)"
+}
+
+# Where one request's time goes, stage by stage, from a gateway's stage counters.
+stage_table() { # label admin-port
+    curl -fsS "http://127.0.0.1:$2/metrics" | python3 -c '
+import re, sys
+label = sys.argv[1]
+secs, runs = {}, {}
+for line in sys.stdin:
+    m = re.match(r"meshgate_stage_(seconds|runs)_total\{stage=\"([a-z_]+)\"\} ([0-9.e+-]+)", line)
+    if m:
+        (secs if m.group(1) == "seconds" else runs)[m.group(2)] = float(m.group(3))
+print(f"| stage ({label}) | runs | mean µs |")
+print("|---|---:|---:|")
+for stage, n in runs.items():
+    if n:
+        print(f"| {stage} | {n:.0f} | {secs.get(stage, 0) / n * 1e6:.1f} |")
+' "$1"
+}
+
 export RUST_LOG=${RUST_LOG:-warn}   # the gateway's default: no per-request access log
-"$MG" gateway --config "$WORK/west.toml" >"$WORK/logs/west.out" 2>&1 &
-WEST_PID=$!
-PIDS+=("$WEST_PID")
-"$MG" gateway --config "$WORK/east.toml" >"$WORK/logs/east.out" 2>&1 &
-EAST_PID=$!
-PIDS+=("$EAST_PID")
-wait_until "meshgate west" "$WEST_PID" 60 curl -fsS "http://127.0.0.1:$P_WA/readyz"
-wait_until "meshgate east" "$EAST_PID" 60 curl -fsS "http://127.0.0.1:$P_EA/readyz"
-MG_URL="https://localhost:$P_EW/v1/orders/1"
 MG_HOST="orders.shop.west.mesh"
-wait_until "meshgate pair" "$EAST_PID" 60 curl -fsS --cacert "$ID/east-bundle.pem" \
-    --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" -H "host: $MG_HOST" "$MG_URL"
-curl -fsS -D "$WORK/logs/mg-head.txt" -o /dev/null --cacert "$ID/east-bundle.pem" \
-    --cert "$ID/web/svid.pem" --key "$ID/web/key.pem" -H "host: $MG_HOST" "$MG_URL"
-grep -qi '^x-meshgate-decision-id:' "$WORK/logs/mg-head.txt" \
-    || die "meshgate answered without x-meshgate-decision-id (enforcement not on the path?)"
+mg_pair process process "$P_EW" "$P_ET" "$P_EA" "$P_WW" "$P_WT" "$P_WA"
+EAST_PID=$PAIR_EAST
+WEST_PID=$PAIR_WEST
+MG_URL="https://localhost:$P_EW/v1/orders/1"
+
+if [[ $STAGES -eq 1 ]]; then
+    say "stages: 2000 requests at 200 rps through the process-mode pair"
+    "$OHA" -n 2000 -q 200 -c 4 --no-tui "${OHA_JSON[@]}" "${CLIENT_TLS[@]}" --host "$MG_HOST" \
+        "$MG_URL" >"$RESULTS/stages-oha.json" 2>"$WORK/logs/oha.err" || die "oha failed"
+    {
+        echo "Mean wall time per run of each stage (source stages on east, destination"
+        echo "stages and the decision on west; admit and record run on both):"
+        echo
+        stage_table "east" "$P_EA"
+        echo
+        stage_table "west" "$P_WA"
+    } | tee "$RESULTS/stages.md"
+    exit 0
+fi
+
+mg_pair power power "$Q_EW" "$Q_ET" "$Q_EA" "$Q_WW" "$Q_WT" "$Q_WA"
+EAST2_PID=$PAIR_EAST
+WEST2_PID=$PAIR_WEST
+MG2_URL="https://localhost:$Q_EW/v1/orders/1"
 
 # ---------------------------------------------------------------------------- measuring
 NGINX_PIDS=("$NA_PID" $(pgrep -P "$NA_PID") "$NB_PID" $(pgrep -P "$NB_PID"))
 MG_PIDS=("$EAST_PID" "$WEST_PID")
+MG2_PIDS=("$EAST2_PID" "$WEST2_PID")
 CLK_TCK=$(getconf CLK_TCK)
 
 pids_of() {
@@ -394,6 +459,7 @@ pids_of() {
     direct) echo "" ;;
     nginx) echo "${NGINX_PIDS[*]}" ;;
     meshgate) echo "${MG_PIDS[*]}" ;;
+    meshgate-power) echo "${MG2_PIDS[*]}" ;;
     esac
 }
 # utime+stime (clock ticks) summed over pids: fields 14 and 15 of /proc/<pid>/stat.
@@ -407,31 +473,32 @@ cpu_ticks() {
     done
     echo "$sum"
 }
-# "RSS PSS" (KiB) summed over pids. RSS counts pages shared between nginx's master and
-# workers once per process; PSS divides them among the sharers (fairer to many processes).
+# "RSS PSS MAXRSS" (KiB): RSS and PSS summed over pids, and the largest RSS of one of them.
+# RSS counts pages shared between nginx's master and workers once per process; PSS divides
+# them among the sharers (fairer to many processes).
 mem_kib() {
     local p
     for p in "$@"; do cat "/proc/$p/smaps_rollup" || die "process $p is gone"; done \
-        | awk '/^Rss:/ {r += $2} /^Pss:/ {s += $2} END {print r + 0, s + 0}'
+        | awk '/^Rss:/ {r += $2; if ($2 > m) m = $2} /^Pss:/ {s += $2} END {print r + 0, s + 0, m + 0}'
 }
 alive_check() {
     local p
-    for p in "$UP_PID" "${NGINX_PIDS[@]}" "${MG_PIDS[@]}"; do
+    for p in "$UP_PID" "${NGINX_PIDS[@]}" "${MG_PIDS[@]}" "${MG2_PIDS[@]}"; do
         kill -0 "$p" 2>/dev/null || die "process $p died during the benchmark (see $WORK/logs)"
     done
 }
-url_of() { case "$1" in direct) echo "http://127.0.0.1:$P_UP/v1/orders/1" ;; nginx) echo "$NGINX_URL" ;; meshgate) echo "$MG_URL" ;; esac; }
+url_of() { case "$1" in direct) echo "http://127.0.0.1:$P_UP/v1/orders/1" ;; nginx) echo "$NGINX_URL" ;; meshgate) echo "$MG_URL" ;; meshgate-power) echo "$MG2_URL" ;; esac; }
 oha_args_of() {
     case "$1" in
     direct) OHA_PATH_ARGS=() ;;
     nginx) OHA_PATH_ARGS=("${CLIENT_TLS[@]}") ;;
-    meshgate) OHA_PATH_ARGS=("${CLIENT_TLS[@]}" --host "$MG_HOST") ;;
+    meshgate | meshgate-power) OHA_PATH_ARGS=("${CLIENT_TLS[@]}" --host "$MG_HOST") ;;
     esac
 }
 
 SEQ=0
 RUNS="$RESULTS/runs.tsv"
-printf 'seq\tphase\trep\tpath\tfile\tcpu_ticks\trss_max_kib\tpss_max_kib\tloadavg1\n' >"$RUNS"
+printf 'seq\tphase\trep\tpath\tfile\tcpu_ticks\trss_max_kib\tpss_max_kib\tloadavg1\trss_one_max_kib\n' >"$RUNS"
 
 # run_oha PHASE REP PATH SECONDS MODE(fixed|max): one bounded oha run, CPU and RSS sampled.
 run_oha() {
@@ -447,17 +514,18 @@ run_oha() {
     oha_args_of "$path"
     alive_check
     local t0=0 memfile="$WORK/mem.$SEQ" sampler=""
-    echo "0 0" >"$memfile"
+    echo "0 0 0" >"$memfile"
     if [[ ${#pids[@]} -gt 0 ]]; then
         t0=$(cpu_ticks "${pids[@]}")
         # Stops by itself when this script or a measured process is gone.
-        (   rmax=0 pmax=0
+        (   rmax=0 pmax=0 omax=0
             while kill -0 "$$" 2>/dev/null; do
                 for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || exit 0; done
-                read -r r p < <(mem_kib "${pids[@]}" 2>/dev/null) || exit 0
+                read -r r p o < <(mem_kib "${pids[@]}" 2>/dev/null) || exit 0
                 ((r > rmax)) && rmax=$r
                 ((p > pmax)) && pmax=$p
-                echo "$rmax $pmax" >"$memfile.tmp" && mv -f "$memfile.tmp" "$memfile"
+                ((o > omax)) && omax=$o
+                echo "$rmax $pmax $omax" >"$memfile.tmp" && mv -f "$memfile.tmp" "$memfile"
                 sleep 0.25
             done ) &
         sampler=$!
@@ -478,42 +546,48 @@ run_oha() {
     fi
     [[ $rc -eq 0 ]] || die "oha failed ($rc) on $path: $(head -c 500 "$WORK/logs/oha.err")"
     if [[ $phase != warmup ]]; then
-        local rmax=0 pmax=0
-        read -r rmax pmax <"$memfile" || die "no memory sample for run $SEQ"
-        printf '%d\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\n' "$SEQ" "$phase" "$rep" "$path" \
-            "$(basename "$file")" "$dt" "$rmax" "$pmax" "$(cut -d' ' -f1 /proc/loadavg)" >>"$RUNS"
+        local rmax=0 pmax=0 omax=0
+        read -r rmax pmax omax <"$memfile" || die "no memory sample for run $SEQ"
+        printf '%d\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\t%d\n' "$SEQ" "$phase" "$rep" "$path" \
+            "$(basename "$file")" "$dt" "$rmax" "$pmax" "$(cut -d' ' -f1 /proc/loadavg)" "$omax" >>"$RUNS"
     fi
     SEQ=$((SEQ + 1))
 }
 
 say "warming up every path (${WARM}s each, not recorded)"
-for path in direct nginx meshgate; do run_oha warmup 0 "$path" "$WARM" fixed; done
+for path in direct nginx meshgate meshgate-power; do run_oha warmup 0 "$path" "$WARM" fixed; done
 
 # Idle RSS: after the warm-up, no load.
 {
-    printf 'path\trss_idle_kib\tpss_idle_kib\n'
-    printf 'nginx\t%s\t%s\n' $(mem_kib "${NGINX_PIDS[@]}")
-    printf 'meshgate\t%s\t%s\n' $(mem_kib "${MG_PIDS[@]}")
+    printf 'path\trss_idle_kib\tpss_idle_kib\trss_one_idle_kib\n'
+    printf 'nginx\t%s\t%s\t%s\n' $(mem_kib "${NGINX_PIDS[@]}")
+    printf 'meshgate\t%s\t%s\t%s\n' $(mem_kib "${MG_PIDS[@]}")
+    printf 'meshgate-power\t%s\t%s\t%s\n' $(mem_kib "${MG2_PIDS[@]}")
 } >"$RESULTS/idle.tsv"
 
 loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)
 # What else is using the CPU right now (the machine is shared).
 ps -eo pcpu,etime,comm --sort=-pcpu | head -12 >"$RESULTS/busy-at-start.txt" || true
-say "latency: $REPS reps × (direct, proxied, proxied, direct), ${DUR}s each at $RATE rps, $LAT_CONNS connections"
+say "latency: $REPS reps × (direct, 3 proxied, direct), ${DUR}s each at $RATE rps, $LAT_CONNS connections"
 for rep in $(seq 1 "$REPS"); do
-    if ((rep % 2)); then order=(direct nginx meshgate direct); else order=(direct meshgate nginx direct); fi
+    case $((rep % 3)) in
+    1) order=(direct nginx meshgate meshgate-power direct) ;;
+    2) order=(direct meshgate meshgate-power nginx direct) ;;
+    0) order=(direct meshgate-power nginx meshgate direct) ;;
+    esac
     for path in "${order[@]}"; do
         run_oha latency "$rep" "$path" "$DUR" fixed
     done
     say "  latency rep $rep/$REPS done (load $(cut -d' ' -f1 /proc/loadavg))"
 done
 
-say "maximum rate: $REPS reps × 3 paths, ${DUR}s each, $SAT_CONNS connections, unthrottled"
+say "maximum rate: $REPS reps × 4 paths, ${DUR}s each, $SAT_CONNS connections, unthrottled"
 for rep in $(seq 1 "$REPS"); do
-    case $((rep % 3)) in
-    1) order=(direct nginx meshgate) ;;
-    2) order=(nginx meshgate direct) ;;
-    0) order=(meshgate direct nginx) ;;
+    case $((rep % 4)) in
+    1) order=(direct nginx meshgate meshgate-power) ;;
+    2) order=(nginx meshgate meshgate-power direct) ;;
+    3) order=(meshgate meshgate-power direct nginx) ;;
+    0) order=(meshgate-power direct nginx meshgate) ;;
     esac
     for path in "${order[@]}"; do
         run_oha saturation "$rep" "$path" "$DUR" max
@@ -524,6 +598,13 @@ loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # The decision log really was on: west counted its decisions.
 curl -fsS "http://127.0.0.1:$P_WA/metrics" | grep '^meshgate_requests' >"$RESULTS/west-metrics.txt" || true
+{
+    stage_table "east, process mode" "$P_EA"
+    echo
+    stage_table "west, process mode" "$P_WA"
+    echo
+    stage_table "west, power mode" "$Q_WA"
+} >"$RESULTS/stages.md" 2>/dev/null || true
 
 if [[ $PERF -eq 1 ]]; then
     if command -v perf >/dev/null; then

@@ -127,22 +127,13 @@ impl Federation {
                 },
             ),
             (&Method::GET, CHECKPOINTS_PATH) => {
-                let checkpoints = match self.log() {
-                    Some(log) => match log.checkpoints() {
-                        Ok(mut all) => {
-                            let skip = all.len().saturating_sub(CHECKPOINTS_SERVED);
-                            all.drain(..skip);
-                            all
-                        }
-                        Err(e) => {
-                            return error(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                &format!("cannot read checkpoints: {e}"),
-                            );
-                        }
-                    },
-                    None => Vec::new(),
-                };
+                // The latest heads, kept in memory by the log (no scan of the log).
+                let mut checkpoints = self
+                    .log()
+                    .map(|log| log.recent_checkpoints())
+                    .unwrap_or_default();
+                let skip = checkpoints.len().saturating_sub(CHECKPOINTS_SERVED);
+                checkpoints.drain(..skip);
                 json(
                     StatusCode::OK,
                     &CheckpointsDoc {

@@ -44,6 +44,17 @@ pub struct GatewayConfig {
     /// The decision log.
     #[serde(default)]
     pub audit: AuditSettings,
+    /// The process's async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+}
+
+/// The async runtime `meshgate gateway` runs on (`[runtime]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// Worker threads; 0 (the default) means one per CPU core.
+    pub worker_threads: usize,
 }
 
 /// How the decision log is written (`[audit]`).

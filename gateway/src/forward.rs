@@ -27,7 +27,7 @@ use crate::catalog::PeerRoute;
 use crate::dest::Destination;
 use crate::headers::{self, CALLER_HEADER};
 use crate::lb::RetryBudget;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::respond;
 use crate::tunnel::{ClientStream, Tunnel};
 use crate::upstream::{LocalService, is_idempotent, is_retryable_status};
@@ -159,7 +159,9 @@ impl Forwarder {
         let mut failed = Vec::new();
         loop {
             let sent = body.take().unwrap_or_else(body::empty);
+            let started = Instant::now();
             let (endpoint, result) = svc.attempt(&head, sent, &failed).await;
+            self.metrics.stage(Stage::Upstream, started.elapsed());
             let failed_try = match &result {
                 Ok(resp) => is_retryable_status(resp.status()),
                 Err(_) => true,
@@ -295,6 +297,7 @@ impl Forwarder {
             Err(e) => return Try::NotSent(format!("cannot mint the caller token: {e}")),
         };
         let mut fresh = false;
+        let opening = Instant::now();
         let (link, naming, stream) = loop {
             let link = match self.tunnel.link(gw, td, false).await {
                 Ok(l) => l,
@@ -328,7 +331,11 @@ impl Forwarder {
         } else {
             body.take().unwrap_or_else(body::empty)
         };
-        match exchange(stream, sent, self.tunnel_timeout).await {
+        let waiting = Instant::now();
+        self.metrics.stage(Stage::TunnelOpen, waiting - opening);
+        let answer = exchange(stream, sent, self.tunnel_timeout).await;
+        self.metrics.stage(Stage::TunnelWait, waiting.elapsed());
+        match answer {
             Ok(mut resp) => {
                 let answer = resp
                     .headers_mut()

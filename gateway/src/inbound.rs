@@ -18,7 +18,7 @@ use crate::config::Limits;
 use crate::dest::Resolver;
 use crate::forward::{Forwarded, Forwarder};
 use crate::gateway::InFlight;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::respond;
 use crate::tunnel;
 use crate::upstream::LocalServices;
@@ -138,6 +138,7 @@ async fn handle(ctx: &Inbound, peer: &Peer, req: Request<()>, stream: ServerStre
     let (mut send, recv) = stream.split();
     let (response, labels) = exchange(ctx, peer, req, H3Body::new(recv).boxed()).await;
     ctx.metrics.observe(labels, started.elapsed());
+    let responding = std::time::Instant::now();
     let (parts, resp_body) = response.into_parts();
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
         tracing::debug!(error = %e, "could not send response head to peer");
@@ -146,6 +147,7 @@ async fn handle(ctx: &Inbound, peer: &Peer, req: Request<()>, stream: ServerStre
     if let Err(e) = body::body_to_h3(resp_body, &mut send).await {
         tracing::debug!(error = %e, "response body to peer ended early");
     }
+    ctx.metrics.stage(Stage::DestRespond, responding.elapsed());
 }
 
 /// One request from a peer gateway, top to bottom: the peer is authenticated (its gateway
@@ -159,6 +161,12 @@ async fn exchange(
     let now = Now::current();
     let (mut head, ()) = req.into_parts();
     let meta = RequestMeta::new(&mut head.headers);
+    let mut clock = std::time::Instant::now();
+    let mut lap = |stage| {
+        let t = std::time::Instant::now();
+        ctx.metrics.stage(stage, t - clock);
+        clock = t;
+    };
     let peer_td = peer.id.trust_domain();
     let authority = head.uri.authority().map(|a| a.as_str().to_owned());
     let target = ctx.target(authority.as_deref(), peer_td);
@@ -177,6 +185,7 @@ async fn exchange(
         }
         _ => Err(CallerError::Missing),
     };
+    lap(Stage::DestCaller);
     let bound = caller.as_ref().ok().and_then(|n| n.bound);
     let unknown_ref = matches!(caller, Err(CallerError::UnknownReference(_)));
     let mut labels = RequestLabels::new("inbound", peer_td.as_str());
@@ -197,7 +206,10 @@ async fn exchange(
         target,
     };
     let decided = ctx.admission.admit(ask, now);
-    let mut response = match ctx.admission.record(decided).await {
+    lap(Stage::Admit);
+    let recorded = ctx.admission.record(decided).await;
+    lap(Stage::Record);
+    let mut response = match recorded {
         Ok(permit) => {
             let id = permit.decision_id().to_owned();
             let mut resp = match ctx.forwarder.forward(permit, head, body, false).await {

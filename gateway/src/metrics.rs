@@ -53,6 +53,60 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// A stage of a request's way through the gateway (`meshgate_stage_seconds_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Source: authenticating the caller and resolving the target.
+    SourceAuthenticate,
+    /// Either side: admission (hygiene, Cedar, quota), without writing the record.
+    Admit,
+    /// Either side: writing the decision record (durable in the log's mode).
+    Record,
+    /// Source: getting a stream to the peer gateway and sending the request head.
+    TunnelOpen,
+    /// Source: waiting for the peer gateway's response head.
+    TunnelWait,
+    /// Destination: verifying the caller's token or reference.
+    DestCaller,
+    /// Either side: an upstream attempt, until its response head.
+    Upstream,
+    /// Destination: sending the response head and body back over the tunnel.
+    DestRespond,
+}
+
+impl Stage {
+    const ALL: [Stage; 8] = [
+        Stage::SourceAuthenticate,
+        Stage::Admit,
+        Stage::Record,
+        Stage::TunnelOpen,
+        Stage::TunnelWait,
+        Stage::DestCaller,
+        Stage::Upstream,
+        Stage::DestRespond,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Stage::SourceAuthenticate => "source_authenticate",
+            Stage::Admit => "admit",
+            Stage::Record => "record",
+            Stage::TunnelOpen => "tunnel_open",
+            Stage::TunnelWait => "tunnel_wait",
+            Stage::DestCaller => "dest_caller",
+            Stage::Upstream => "upstream",
+            Stage::DestRespond => "dest_respond",
+        }
+    }
+}
+
+/// Labels of a stage counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    /// The stage's name.
+    pub stage: &'static str,
+}
+
 /// Every metric of one gateway.
 #[derive(Debug)]
 pub struct Metrics {
@@ -77,6 +131,9 @@ pub struct Metrics {
     pub svid_expiry: Gauge<f64, AtomicU64>,
     /// Upstream failures (connect, timeout, 5xx from the upstream).
     pub upstream_failures: Counter,
+    /// Time spent per stage (seconds) and how often each ran, by [`Stage`] order.
+    stage_time: Vec<Counter<f64, AtomicU64>>,
+    stage_count: Vec<Counter>,
 }
 
 impl Metrics {
@@ -155,7 +212,32 @@ impl Metrics {
             "Upstream connect errors, timeouts and 502-504",
             upstream_failures.clone(),
         );
+        let stage_seconds = Family::<StageLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "stage_seconds",
+            "Wall time spent in each stage of the request path",
+            stage_seconds.clone(),
+        );
+        let stage_runs = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "stage_runs",
+            "How many times each stage of the request path ran",
+            stage_runs.clone(),
+        );
+        let labels = |stage: Stage| StageLabels {
+            stage: stage.name(),
+        };
+        let stage_time = Stage::ALL
+            .iter()
+            .map(|s| stage_seconds.get_or_create(&labels(*s)).clone())
+            .collect();
+        let stage_count = Stage::ALL
+            .iter()
+            .map(|s| stage_runs.get_or_create(&labels(*s)).clone())
+            .collect();
         Self {
+            stage_time,
+            stage_count,
             registry,
             requests,
             latency,
@@ -179,7 +261,15 @@ impl Metrics {
         out
     }
 
-    /// Counts a failed handshake.
+    /// Adds the time one run of a stage took.
+    pub(crate) fn stage(&self, stage: Stage, took: std::time::Duration) {
+        let i = stage as usize;
+        if let (Some(t), Some(c)) = (self.stage_time.get(i), self.stage_count.get(i)) {
+            t.inc_by(took.as_secs_f64());
+            c.inc();
+        }
+    }
+
     /// Counts one answered request and its latency.
     pub(crate) fn observe(&self, labels: RequestLabels, elapsed: std::time::Duration) {
         self.latency
@@ -190,6 +280,7 @@ impl Metrics {
         self.requests.get_or_create(&labels).inc();
     }
 
+    /// Counts a failed handshake.
     pub fn handshake_failed(&self, listener: &'static str, reason: impl Into<String>) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels {

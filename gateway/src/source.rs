@@ -25,7 +25,7 @@ use crate::dest::Resolver;
 use crate::forward::{Forwarded, Forwarder, Unreachable};
 use crate::gateway::InFlight;
 use crate::headers;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::respond;
 use crate::upstream::LocalServices;
 
@@ -219,11 +219,18 @@ async fn exchange(
     // Identity headers never pass the source gateway.
     headers::strip_meshgate(&mut head.headers);
     let meta = RequestMeta::new(&mut head.headers);
+    let mut clock = Instant::now();
+    let mut lap = |stage| {
+        let t = Instant::now();
+        ctx.metrics.stage(stage, t - clock);
+        clock = t;
+    };
     let caller = ctx.authenticate(auth, bearer.as_deref(), now.wall);
     if bearer.is_some() && matches!(auth, Auth::BearerRequired) {
         head.headers.remove(http::header::AUTHORIZATION);
     }
     let target = ctx.target(authority.as_deref());
+    lap(Stage::SourceAuthenticate);
     let mut labels = RequestLabels::new(
         "outbound",
         caller
@@ -246,7 +253,10 @@ async fn exchange(
         target,
     };
     let decided = ctx.admission.admit(ask, now);
-    let permit = match ctx.admission.record(decided).await {
+    lap(Stage::Admit);
+    let recorded = ctx.admission.record(decided).await;
+    lap(Stage::Record);
+    let permit = match recorded {
         Ok(permit) => permit,
         Err(refusal) => {
             labels.decision = refusal.label;

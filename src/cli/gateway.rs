@@ -33,7 +33,8 @@ impl GatewayArgs {
             );
             return Ok(Outcome::Yes);
         }
-        crate::cli::block_on(async move {
+        let workers = prepared.config().runtime.worker_threads;
+        crate::cli::block_on_with(workers, async move {
             let running = prepared.start().await?;
             print!("{}", running.describe());
             tokio::signal::ctrl_c().await.internal_err()?;

@@ -86,10 +86,16 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> CliResult<()> {
 /// Runs a future on a fresh multi-threaded runtime (for commands that do network I/O).
 #[allow(dead_code)]
 pub fn block_on<F: std::future::Future>(fut: F) -> CliResult<F::Output> {
+    block_on_with(0, fut)
+}
+
+/// Like [`block_on`] with `workers` worker threads (0: one per core).
+pub fn block_on_with<F: std::future::Future>(workers: usize, fut: F) -> CliResult<F::Output> {
     use crate::exit::ResultExt;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .internal_err()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let rt = builder.enable_all().build().internal_err()?;
     Ok(rt.block_on(fut))
 }

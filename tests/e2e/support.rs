@@ -184,6 +184,7 @@ impl Cluster {
             limits: Limits::default(),
             identity: Default::default(),
             audit: Default::default(),
+            runtime: Default::default(),
         };
         let mut config = config;
         adjust(&mut config);
