@@ -21,6 +21,7 @@ use meshgate_policy::{
 };
 
 use crate::catalog::PeerRoute;
+use crate::config::ServiceProtocol;
 use crate::dest::Destination;
 use crate::headers;
 use crate::metrics::Metrics;
@@ -299,6 +300,28 @@ impl Admission {
                 }
             }
         };
+        // What a service speaks decides what reaches it: a tunnel into an HTTP service would
+        // carry requests no policy saw; plain HTTP to a TCP service bypasses `connect`.
+        if let Target::Local(svc) = &target {
+            let connect = head.method == http::Method::CONNECT;
+            let wrong = match (svc.protocol(), connect) {
+                (ServiceProtocol::Http, true) => Some(
+                    "is an HTTP service: `CONNECT` to it is refused (every request to it is decided on its own)",
+                ),
+                (ServiceProtocol::Tcp, false) => {
+                    Some("is a TCP service: reach it with `CONNECT` only")
+                }
+                _ => None,
+            };
+            if let Some(why) = wrong {
+                let unfit = Unfit::new(
+                    StatusCode::FORBIDDEN,
+                    "deny",
+                    format!("`{}` {why}", facts.service),
+                );
+                return self.refuse(ask.meta, ask.hop, facts, unfit);
+            }
+        }
         if let Target::Remote { .. } = target {
             // Decided by the destination's gateway; nothing to record here.
             return Decided {

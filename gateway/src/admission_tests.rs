@@ -64,6 +64,8 @@ fn fixture() -> Fixture {
                 labels: BTreeMap::new(),
                 timeout: Duration::from_secs(1),
                 retries: 1,
+                protocol: Default::default(),
+                proxy_protocol: false,
             },
             None,
         )
@@ -390,4 +392,77 @@ async fn a_decision_that_cannot_be_recorded_refuses_the_request() {
     assert_eq!(refusal.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(refusal.message.contains("could not be recorded"));
     assert_eq!(refusal.decision_id, meta.id);
+}
+
+#[tokio::test]
+async fn what_a_service_speaks_decides_what_reaches_it() {
+    let f = fixture();
+    // CONNECT into an HTTP service would carry requests no policy saw: refused, recorded.
+    let h = head("CONNECT", "orders.shop.west:80", &[]);
+    let (outcome, meta) = decide(
+        &f,
+        Hop::Workload,
+        &h,
+        caller(WEB),
+        Ok(Target::Local(f.orders.clone())),
+    )
+    .await;
+    let refusal = outcome.unwrap_err();
+    assert_eq!(refusal.status, StatusCode::FORBIDDEN);
+    assert!(
+        refusal.message.contains("is an HTTP service"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(record(&f, &meta.id).status, Some(403));
+    // Plain HTTP to a TCP service would bypass `connect`: refused too.
+    let db = Arc::new(
+        LocalService::new(
+            &ServiceConfig {
+                name: "db".into(),
+                namespace: "shop".into(),
+                endpoints: vec!["127.0.0.1:9".into()],
+                upstream_spiffe_id: None,
+                insecure_plaintext: false,
+                export_to: vec![],
+                labels: BTreeMap::new(),
+                timeout: Duration::from_secs(1),
+                retries: 0,
+                protocol: crate::config::ServiceProtocol::Tcp,
+                proxy_protocol: true,
+            },
+            None,
+        )
+        .unwrap(),
+    );
+    let h = head("GET", "/", &[]);
+    let (outcome, _) = decide(&f, Hop::Workload, &h, caller(WEB), Ok(Target::Local(db))).await;
+    let refusal = outcome.unwrap_err();
+    assert!(
+        refusal.message.contains("is a TCP service"),
+        "{}",
+        refusal.message
+    );
+    // PROXY protocol only makes sense for TCP services.
+    let err = LocalService::new(
+        &ServiceConfig {
+            name: "web".into(),
+            namespace: "shop".into(),
+            endpoints: vec!["127.0.0.1:9".into()],
+            upstream_spiffe_id: None,
+            insecure_plaintext: false,
+            export_to: vec![],
+            labels: BTreeMap::new(),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            protocol: crate::config::ServiceProtocol::Http,
+            proxy_protocol: true,
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("needs `protocol = \"tcp\"`"),
+        "{err}"
+    );
 }

@@ -164,9 +164,29 @@ pub struct ServiceConfig {
     /// Per-try timeout of a request to this service.
     #[serde(default = "default_timeout", deserialize_with = "de_duration")]
     pub timeout: Duration,
-    /// Retries for idempotent requests without a body.
+    /// Retries for idempotent requests without a body that enter the mesh here.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// What the service speaks: `http` (the default; `CONNECT` to it is refused, so every
+    /// request is seen and decided) or `tcp` (only `CONNECT`; plain HTTP to it is refused).
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+    /// For a `tcp` service: begin each connection to the upstream with a PROXY protocol v2
+    /// header carrying the verified caller's SPIFFE ID (TLV `0xE1`) and the decision id (TLV
+    /// `0xE2`), so the upstream learns who connected. Off by default.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// What a service speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    /// HTTP/1.1, HTTP/2 or gRPC: every request is decided on its own.
+    #[default]
+    Http,
+    /// Raw TCP through `CONNECT`: decided once per connection with the `connect` action.
+    Tcp,
 }
 
 /// A statically configured peer cluster.

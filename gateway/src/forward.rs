@@ -143,7 +143,8 @@ impl Forwarder {
             head.headers.insert(CALLER_HEADER, v);
         }
         if head.method == Method::CONNECT {
-            return crate::connect::inbound(svc, body).await;
+            let caller = permit.caller().id.as_str();
+            return crate::connect::inbound(svc, body, caller, permit.decision_id()).await;
         }
         let _in_flight = match svc.admit() {
             Ok(guard) => guard,

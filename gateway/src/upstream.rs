@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::GatewayBody;
-use crate::config::ServiceConfig;
+use crate::config::{ServiceConfig, ServiceProtocol};
 use crate::lb::{self, Endpoint};
 
 /// Requests in flight per service before new ones are refused (circuit breaking).
@@ -67,6 +67,12 @@ pub enum UpstreamConfigError {
         /// The endpoint.
         endpoint: String,
     },
+    /// `proxy_protocol` on a service that is not `tcp`.
+    #[error("service `{service}`: `proxy_protocol = true` needs `protocol = \"tcp\"`")]
+    ProxyProtocolNotTcp {
+        /// The service.
+        service: String,
+    },
     /// An endpoint is not `host:port`.
     #[error("service `{service}`: endpoint `{endpoint}` is not `host:port`")]
     BadEndpoint {
@@ -101,6 +107,8 @@ pub(crate) struct LocalService {
     scheme: &'static str,
     timeout: Duration,
     retries: u32,
+    protocol: ServiceProtocol,
+    proxy_protocol: bool,
     in_flight: AtomicUsize,
 }
 
@@ -130,6 +138,9 @@ impl LocalService {
         tls: Option<rustls::ClientConfig>,
     ) -> Result<Self, UpstreamConfigError> {
         let name = format!("{}.{}", config.name, config.namespace);
+        if config.proxy_protocol && config.protocol != ServiceProtocol::Tcp {
+            return Err(UpstreamConfigError::ProxyProtocolNotTcp { service: name });
+        }
         for endpoint in &config.endpoints {
             let Some((host, port)) = endpoint.rsplit_once(':') else {
                 return Err(UpstreamConfigError::BadEndpoint {
@@ -197,6 +208,8 @@ impl LocalService {
             scheme,
             timeout: config.timeout,
             retries: config.retries,
+            protocol: config.protocol,
+            proxy_protocol: config.proxy_protocol,
             in_flight: AtomicUsize::new(0),
         })
     }
@@ -219,6 +232,16 @@ impl LocalService {
     /// Labels, visible to Cedar as tags of the service.
     pub(crate) fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels
+    }
+
+    /// What the service speaks.
+    pub(crate) fn protocol(&self) -> ServiceProtocol {
+        self.protocol
+    }
+
+    /// Whether connections to the upstream begin with a PROXY protocol v2 header.
+    pub(crate) fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol
     }
 
     /// How many times a request that enters the mesh here may be retried.
@@ -440,6 +463,8 @@ mod tests {
             labels: Default::default(),
             timeout: Duration::from_secs(1),
             retries: 1,
+            protocol: ServiceProtocol::Http,
+            proxy_protocol: false,
         }
     }
 

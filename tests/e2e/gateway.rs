@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
     ChannelStream, Client, Cluster, Spec, echo_upstream, futures_stream, service, tcp_echo,
+    tcp_service,
 };
 
 pub const WEST_POLICIES: &str = r#"
@@ -50,7 +51,7 @@ pub async fn east_west() -> (Cluster, Cluster) {
         policies: WEST_POLICIES,
         services: vec![
             service("orders", "shop", orders, &["east"]),
-            service("echo", "shop", echo, &["east"]),
+            tcp_service("echo", "shop", echo, &["east"]),
             service("secret", "shop", orders, &[]),
             service("vault", "shop", orders, &["east"]),
         ],

@@ -14,6 +14,7 @@ mod gateway_ops;
 mod identity_cli;
 mod policy_cli;
 mod procs;
+mod protocols;
 mod relay;
 mod support;
 mod tunnel_attacks;

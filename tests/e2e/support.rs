@@ -112,6 +112,21 @@ pub fn service(
         labels: BTreeMap::new(),
         timeout: Duration::from_secs(10),
         retries: 1,
+        protocol: Default::default(),
+        proxy_protocol: false,
+    }
+}
+
+/// A service reached with `CONNECT` (raw TCP).
+pub fn tcp_service(
+    name: &str,
+    namespace: &str,
+    endpoint: SocketAddr,
+    export_to: &[&str],
+) -> ServiceConfig {
+    ServiceConfig {
+        protocol: meshgate_gateway::ServiceProtocol::Tcp,
+        ..service(name, namespace, endpoint, export_to)
     }
 }
 
