@@ -190,10 +190,15 @@ impl PolicyEngine {
     pub fn decide(&self, facts: &RequestFacts) -> Decision {
         let start = Instant::now();
         let set = self.enforced.load();
-        // Built once, evaluated by the enforced and the shadow set alike (one schema).
-        let built = build_cached(facts, &set.subjects, &set.actions);
+        let shadow_set = self.shadow.load();
+        // Built once, evaluated by the enforced and the shadow set alike (one schema), with
+        // what either of them can read.
+        let reads = shadow_set
+            .as_ref()
+            .map_or(set.reads, |sh| set.reads.union(sh.reads));
+        let built = build_cached(facts, &set.subjects, &set.actions, reads);
         let verdict = self.evaluate(&set, &built, facts);
-        let shadow = self.shadow.load().as_ref().map(|sh| {
+        let shadow = shadow_set.as_ref().map(|sh| {
             let v = self.evaluate(sh, &built, facts);
             ShadowOutcome {
                 differs: v.allowed != verdict.allowed,

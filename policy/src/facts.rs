@@ -170,7 +170,7 @@ pub(crate) fn action_name(method: &str) -> Result<&'static str, FactsError> {
 #[derive(Debug)]
 pub(crate) struct Built {
     pub request: Request,
-    pub entities: Entities,
+    pub entities: crate::subject::RequestEntities,
     pub normalized_path: String,
 }
 
@@ -203,6 +203,7 @@ pub(crate) fn build(facts: &RequestFacts, actions: &Actions) -> Result<Built, Fa
         None,
     )
     .map_err(cedar_err)?;
+    let entities = crate::subject::RequestEntities::Own(entities);
     Ok(Built {
         request,
         entities,
@@ -226,6 +227,7 @@ pub(crate) fn build_checked(
     )
     .map_err(cedar_err)?;
     let entities = Entities::from_entities(parts.entities, Some(schema)).map_err(cedar_err)?;
+    let entities = crate::subject::RequestEntities::Own(entities);
     Ok(Built {
         request,
         entities,
@@ -266,7 +268,7 @@ fn parts(facts: &RequestFacts) -> Result<Parts, FactsError> {
     let (principal, resource, mut entities) = subject_parts(facts)?;
     let action = uid("Action", action_name(&facts.method)?)?;
     let path = crate::path::normalize_path(&facts.raw_path)?;
-    let (headers, claims, context) = request_parts(facts, &path)?;
+    let (headers, claims, context) = request_parts(facts, &path, crate::subject::Reads::ALL)?;
     entities.push(headers);
     entities.push(claims);
     Ok(Parts {
@@ -336,11 +338,17 @@ pub(crate) fn subject_parts(
 pub(crate) fn request_parts(
     facts: &RequestFacts,
     path: &str,
+    reads: crate::subject::Reads,
 ) -> Result<(Entity, Entity, Context), FactsError> {
     let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
     // Headers and claims as tags on their own entities.
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &facts.headers {
+    let exposed = if reads.has("headers") {
+        &facts.headers[..]
+    } else {
+        &[]
+    };
+    for (name, value) in exposed {
         let name = name.to_ascii_lowercase();
         if HIDDEN_HEADERS.contains(&name.as_str()) {
             continue;
@@ -364,36 +372,38 @@ pub(crate) fn request_parts(
         .claims
         .iter()
         .flatten()
+        .filter(|_| reads.has("claims"))
         .map(|(k, v)| (k.clone(), s(v)));
     let claims = entity(request_uid("Claims")?, [], [], claims)?;
-    let context = Context::from_pairs([
-        ("path".to_owned(), s(path)),
-        ("raw_path".to_owned(), s(&facts.raw_path)),
-        ("method".to_owned(), s(&facts.method.to_ascii_uppercase())),
-        ("source_cluster".to_owned(), s(&facts.source_cluster)),
-        (
-            "destination_cluster".to_owned(),
-            s(&facts.destination_cluster),
-        ),
-        (
-            "mtls".to_owned(),
-            RestrictedExpression::new_bool(facts.mtls),
-        ),
-        ("time".to_owned(), datetime(facts.time)?),
-        (
-            "headers".to_owned(),
-            RestrictedExpression::new_entity_uid(request_uid("Headers")?),
-        ),
-        (
-            "claims".to_owned(),
-            RestrictedExpression::new_entity_uid(request_uid("Claims")?),
-        ),
-        (
-            "has_claims".to_owned(),
-            RestrictedExpression::new_bool(facts.claims.is_some()),
-        ),
-    ])
-    .map_err(cedar_err)?;
+    // The time is checked (a request at an unrepresentable time is an error) even when no
+    // policy reads it; building its Cedar value is skipped then.
+    let time = crate::timefmt::cedar_datetime(facts.time).ok_or(FactsError::Time)?;
+    // Only what the policies can read (all of it for tools and tests, see `Reads`).
+    let mut pairs = Vec::with_capacity(10);
+    let mut put = |key: &str, value: &dyn Fn() -> RestrictedExpression| {
+        if reads.has(key) {
+            pairs.push((key.to_owned(), value()));
+        }
+    };
+    put("path", &|| s(path));
+    put("raw_path", &|| s(&facts.raw_path));
+    put("method", &|| s(&facts.method.to_ascii_uppercase()));
+    put("source_cluster", &|| s(&facts.source_cluster));
+    put("destination_cluster", &|| s(&facts.destination_cluster));
+    put("mtls", &|| RestrictedExpression::new_bool(facts.mtls));
+    put("time", &|| datetime(facts.time, &time));
+    let headers_uid = request_uid("Headers")?;
+    let claims_uid = request_uid("Claims")?;
+    put("headers", &|| {
+        RestrictedExpression::new_entity_uid(headers_uid.clone())
+    });
+    put("claims", &|| {
+        RestrictedExpression::new_entity_uid(claims_uid.clone())
+    });
+    put("has_claims", &|| {
+        RestrictedExpression::new_bool(facts.claims.is_some())
+    });
+    let context = Context::from_pairs(pairs).map_err(cedar_err)?;
     Ok((headers, claims, context))
 }
 
@@ -404,7 +414,7 @@ pub(crate) fn request_uid(ty: &str) -> Result<EntityUid, FactsError> {
 
 /// The request time as a Cedar datetime. Building one parses the extension's name, so the
 /// last one made on this thread is reused within the same millisecond.
-fn datetime(t: SystemTime) -> Result<RestrictedExpression, FactsError> {
+fn datetime(t: SystemTime, text: &str) -> RestrictedExpression {
     thread_local! {
         static LAST: std::cell::RefCell<Option<(u128, RestrictedExpression)>> =
             const { std::cell::RefCell::new(None) };
@@ -420,14 +430,13 @@ fn datetime(t: SystemTime) -> Result<RestrictedExpression, FactsError> {
                 .map(|(_, e)| e.clone())
         })
     {
-        return Ok(expr);
+        return expr;
     }
-    let text = crate::timefmt::cedar_datetime(t).ok_or(FactsError::Time)?;
     let expr = RestrictedExpression::new_datetime(text);
     if let Some(ms) = millis {
         LAST.with_borrow_mut(|last| *last = Some((ms, expr.clone())));
     }
-    Ok(expr)
+    expr
 }
 
 fn namespace_entity(

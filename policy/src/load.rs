@@ -121,6 +121,8 @@ pub(crate) struct Loaded {
     pub actions: crate::facts::Actions,
     /// The entities of each (caller, service) pair seen with this set, built once.
     pub subjects: crate::subject::SubjectCache,
+    /// Which per-request parts the set can observe at all.
+    pub reads: crate::subject::Reads,
     pub version: PolicyVersion,
     /// `@quota` of each permit that has one, by policy id.
     pub quotas: HashMap<String, QuotaSpec>,
@@ -268,6 +270,7 @@ pub(crate) fn load_sources(
             };
             Ok(Loaded {
                 actions,
+                reads: crate::subject::Reads::of(&set),
                 subjects: crate::subject::SubjectCache::default(),
                 sliced,
                 version,

@@ -9,6 +9,12 @@
 //! `Headers` entity (and `Claims`, when it has end-user claims) to a clone of the subject's
 //! entities and builds its context. The entities are exactly those of the reference builder
 //! (`facts::build`); a test checks decisions of both paths agree.
+//!
+//! What no policy can observe is not built at all ([`Reads`]): when neither the enforced nor
+//! the shadow set mentions headers, claims or the time anywhere in its text, the request uses
+//! the subject's entities as they are (their `Headers` and `Claims` have no tags) and its
+//! context carries no `time`. A decision cannot depend on what no policy reads, so it stays
+//! exactly the same (the equivalence test covers both kinds of sets).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -21,6 +27,79 @@ use crate::facts::{
 };
 use crate::path::normalize_path;
 
+/// Which per-request parts a policy set can observe: each context attribute, and whether the
+/// `Headers` and `Claims` entities need this request's tags. Found by looking for the names in
+/// each policy's JSON form (EST): any mention (an attribute, an entity type, a string) counts,
+/// and a policy that uses the context record as a whole reads all of it, so a set is only
+/// ever told it reads more than it does, never less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reads(u16);
+
+/// The context attributes, in the schema's order; `headers` and `claims` also stand for the
+/// tags of their entities.
+pub(crate) const CONTEXT_KEYS: [&str; 10] = [
+    "path",
+    "raw_path",
+    "method",
+    "source_cluster",
+    "destination_cluster",
+    "mtls",
+    "time",
+    "headers",
+    "claims",
+    "has_claims",
+];
+
+impl Reads {
+    /// Everything: what tools and tests build.
+    pub(crate) const ALL: Reads = Reads((1 << CONTEXT_KEYS.len()) - 1);
+
+    /// Whether the context attribute `key` (one of [`CONTEXT_KEYS`]) is read.
+    pub(crate) fn has(self, key: &str) -> bool {
+        CONTEXT_KEYS
+            .iter()
+            .position(|k| *k == key)
+            .is_none_or(|i| self.0 & (1 << i) != 0)
+    }
+
+    pub(crate) fn of(set: &cedar_policy::PolicySet) -> Reads {
+        let mut bits = 0u16;
+        let texts = set
+            .policies()
+            .map(|p| p.to_json().ok().map(|j| j.to_string()))
+            .chain(
+                set.templates()
+                    .map(|t| t.to_json().ok().map(|j| j.to_string())),
+            );
+        for text in texts {
+            // A policy that cannot be rendered is assumed to read everything.
+            let Some(text) = text else {
+                return Reads::ALL;
+            };
+            // `context.x` and `context has x` name what they read; any other use of the
+            // context (comparing the whole record, say) reads all of it.
+            let whole = text.matches(r#"{"Var":"context"}"#).count();
+            let named = text.matches(r#"{".":{"left":{"Var":"context"}"#).count()
+                + text.matches(r#"{"has":{"left":{"Var":"context"}"#).count();
+            if whole > named {
+                return Reads::ALL;
+            }
+            let text = text.to_ascii_lowercase();
+            for (i, key) in CONTEXT_KEYS.iter().enumerate() {
+                if text.contains(key) {
+                    bits |= 1 << i;
+                }
+            }
+        }
+        Reads(bits)
+    }
+
+    /// What either of two sets reads.
+    pub(crate) fn union(self, other: Reads) -> Reads {
+        Reads(self.0 | other.0)
+    }
+}
+
 /// Subjects kept per policy set; past this the cache starts over (bounded memory whatever
 /// the callers do).
 const MAX_SUBJECTS: usize = 16_384;
@@ -30,7 +109,7 @@ const MAX_SUBJECTS: usize = 16_384;
 struct Subject {
     principal: EntityUid,
     resource: EntityUid,
-    entities: Entities,
+    entities: Arc<Entities>,
 }
 
 /// Subjects of one policy set.
@@ -102,38 +181,66 @@ fn build_subject(facts: &RequestFacts, actions: &Actions) -> Result<Subject, Fac
             entities.push(entity.clone());
         }
     }
-    entities.push(cedar_policy::Entity::new_no_attrs(
-        request_uid("Claims")?,
-        Default::default(),
-    ));
+    for ty in ["Headers", "Claims"] {
+        entities.push(cedar_policy::Entity::new_no_attrs(
+            request_uid(ty)?,
+            Default::default(),
+        ));
+    }
     let entities = Entities::from_entities(entities, None).map_err(cedar_err)?;
     Ok(Subject {
         principal,
         resource,
-        entities,
+        entities: Arc::new(entities),
     })
 }
 
-/// Builds a request like `facts::build`, from the cached subject.
+/// The entities a request is decided with: the subject's, shared, or a copy with this
+/// request's headers and claims when a policy can read them.
+#[derive(Debug)]
+pub(crate) enum RequestEntities {
+    Shared(Arc<Entities>),
+    Own(Entities),
+}
+
+impl std::ops::Deref for RequestEntities {
+    type Target = Entities;
+    fn deref(&self) -> &Entities {
+        match self {
+            Self::Shared(e) => e,
+            Self::Own(e) => e,
+        }
+    }
+}
+
+/// Builds a request like `facts::build`, from the cached subject, leaving out what `reads`
+/// says no policy observes.
 pub(crate) fn build_cached(
     facts: &RequestFacts,
     cache: &SubjectCache,
     actions: &Actions,
+    reads: Reads,
 ) -> Result<Built, FactsError> {
     let subject = cache.get(facts, actions)?;
     let action = uid("Action", action_name(&facts.method)?)?;
     let path = normalize_path(&facts.raw_path)?;
-    let (headers, claims, context) = request_parts(facts, &path)?;
-    let mut entities = subject
-        .entities
-        .clone()
-        .add_entities([headers], None)
-        .map_err(cedar_err)?;
-    if facts.claims.is_some() {
-        entities = entities
-            .upsert_entities([claims], None)
-            .map_err(cedar_err)?;
+    let (headers, claims, context) = request_parts(facts, &path, reads)?;
+    let mut own = Vec::new();
+    if reads.has("headers") {
+        own.push(headers);
     }
+    if reads.has("claims") && facts.claims.is_some() {
+        own.push(claims);
+    }
+    let entities = if own.is_empty() {
+        RequestEntities::Shared(subject.entities.clone())
+    } else {
+        RequestEntities::Own(
+            Entities::clone(&subject.entities)
+                .upsert_entities(own, None)
+                .map_err(cedar_err)?,
+        )
+    };
     let request = Request::new(
         subject.principal.clone(),
         action,
@@ -222,12 +329,67 @@ mod tests {
         }
     }
 
+    /// Policies that read neither headers, claims nor the time: requests for them are built
+    /// without those.
+    const BLIND: &str = r#"
+        @id("ns") permit (principal in Namespace::"east.example/shop", action in Action::"read", resource in Namespace::"west.example/shop");
+        @id("label") permit (principal, action, resource) when { resource.hasTag("tier") && resource.getTag("tier") == "gold" && context.mtls };
+        @id("account") forbid (principal, action, resource) when { principal has service_account && principal.service_account == "evil" };
+        @id("path") forbid (principal, action, resource) when { context.path like "/admin*" || context.raw_path like "*debug*" };
+        @id("svc") permit (principal, action == Action::"connect", resource) when { resource.name == "db" && context.source_cluster == "east" };
+    "#;
+
+    #[test]
+    fn reads_names_what_a_set_can_observe() {
+        let of = |text: &str| {
+            load_sources(
+                &[SourceFile {
+                    name: "p.cedar".into(),
+                    text: text.into(),
+                }],
+                None,
+            )
+            .unwrap()
+            .reads
+        };
+        let all = of(POLICIES);
+        assert!(CONTEXT_KEYS.iter().all(|k| all.has(k)), "{all:?}");
+        let blind = of(BLIND);
+        for key in ["headers", "claims", "time", "has_claims", "method"] {
+            assert!(!blind.has(key), "{key}: {blind:?}");
+        }
+        for key in ["path", "raw_path", "mtls", "source_cluster"] {
+            assert!(blind.has(key), "{key}: {blind:?}");
+        }
+        let one = of(
+            r#"@id("h") permit (principal, action, resource) when { context.headers.hasTag("x") };"#,
+        );
+        assert!(
+            one.has("headers") && !one.has("claims") && !one.has("time"),
+            "{one:?}"
+        );
+        assert!(blind.union(one).has("headers") && blind.union(one).has("path"));
+        // Using the context as a whole reads all of it (strict validation refuses most such
+        // uses; the analysis does not rely on it).
+        let whole: cedar_policy::PolicySet =
+            r#"permit (principal, action, resource) when { context == {"path": "/"} };"#
+                .parse()
+                .unwrap();
+        assert_eq!(Reads::of(&whole), Reads::ALL);
+    }
+
     #[test]
     fn cached_requests_decide_exactly_as_freshly_built_ones() {
+        for text in [POLICIES, BLIND] {
+            decide_both_ways(text);
+        }
+    }
+
+    fn decide_both_ways(text: &str) {
         let loaded = load_sources(
             &[SourceFile {
                 name: "p.cedar".into(),
-                text: POLICIES.into(),
+                text: text.into(),
             }],
             None,
         )
@@ -239,7 +401,8 @@ mod tests {
             let fresh = build(&f, &loaded.actions).unwrap();
             // Twice: the first builds the subject, the second uses the cached one.
             for _ in 0..2 {
-                let cached = build_cached(&f, &loaded.subjects, &loaded.actions).unwrap();
+                let cached =
+                    build_cached(&f, &loaded.subjects, &loaded.actions, loaded.reads).unwrap();
                 let a = loaded
                     .sliced
                     .authorize(&authorizer, &fresh.request, &fresh.entities);
