@@ -180,6 +180,12 @@ impl PolicyEngine {
         self.shadow.load().as_ref().map(|s| s.version.clone())
     }
 
+    /// The enforced set and its schema, for proofs.
+    pub(crate) fn set_and_schema(&self) -> (cedar_policy::PolicySet, cedar_policy::Schema) {
+        let loaded = self.enforced.load();
+        (loaded.set.clone(), loaded.schema.clone())
+    }
+
     /// What the enforced set holds.
     pub fn stats(&self) -> LoadStats {
         self.enforced.load().stats

@@ -8,6 +8,8 @@
 //!   passed in).
 //! - [`DecisionLog`] is the hash-chained, checkpoint-signed decision log: append-only
 //!   segment files with a signed head per flush batch.
+//! - [`Prover`] proves properties of policy sets for every request (no new access,
+//!   equivalence, never errors, always denies) with Cedar's symbolic compiler and cvc5.
 //!
 //! This crate knows nothing of sockets or TLS; the gateway hands it facts and a sled `Db`.
 
@@ -17,6 +19,7 @@ mod facts;
 mod load;
 mod log;
 mod path;
+mod prove;
 mod quota;
 mod slice;
 mod subject;
@@ -33,6 +36,10 @@ pub use log::{
     Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
 };
 pub use path::{MAX_PATH_LEN, PathError, normalize_path};
+pub use prove::{
+    Counterexample, EnvTime, Finding, INSTALL_HINT, PrincipalPattern, Proof, ProveError, Prover,
+    Solver,
+};
 pub use quota::{QuotaKey, QuotaLimiter, QuotaParseError, QuotaResult, QuotaSpec};
 pub use timefmt::{parse_rfc3339, to_rfc3339};
 pub use tools::{

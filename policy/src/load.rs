@@ -126,6 +126,9 @@ pub(crate) struct Loaded {
     pub version: PolicyVersion,
     /// `@quota` of each permit that has one, by policy id.
     pub quotas: HashMap<String, QuotaSpec>,
+    /// The whole set and the schema it was validated against, for proofs (`prove`).
+    pub set: PolicySet,
+    pub schema: Schema,
     pub stats: LoadStats,
 }
 
@@ -276,6 +279,8 @@ pub(crate) fn load_sources(
                 version,
                 quotas,
                 stats,
+                set,
+                schema,
             })
         }
         _ => Err(LoadError::Invalid(diags)),
