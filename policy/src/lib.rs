@@ -14,6 +14,7 @@
 //! This crate knows nothing of sockets or TLS; the gateway hands it facts and a sled `Db`.
 
 mod diag;
+mod diff;
 mod engine;
 mod facts;
 mod load;
@@ -27,6 +28,7 @@ mod timefmt;
 mod tools;
 
 pub use diag::PolicyDiagnostic;
+pub use diff::{ChangedPolicy, PolicyText, SetDiff, diff_sets};
 pub use engine::{Decision, PolicyEngine, ShadowOutcome};
 pub use facts::{FactsError, HIDDEN_HEADERS, RequestFacts};
 pub use load::{LINKS_FILE, LoadError, LoadStats, MESH_SCHEMA, PolicyVersion, SourceFile};

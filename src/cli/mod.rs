@@ -6,6 +6,7 @@ pub(crate) mod federation_wiring;
 pub(crate) mod gateway;
 mod identity;
 mod policy;
+mod prove;
 
 use clap::{Parser, Subcommand};
 
@@ -29,7 +30,7 @@ enum Command {
     /// The SPIFFE identity issuer: trust domains, SVIDs, bundles, registration, the agent.
     #[command(subcommand)]
     Identity(identity::IdentityCommand),
-    /// Cedar policies: validate, check, test, replay.
+    /// Cedar policies: validate, check, test, prove, diff, replay.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// Start a three-cluster mesh on 127.0.0.1 and show what it does.

@@ -1,4 +1,4 @@
-//! `meshgate policy …`: validate, check, test and replay Cedar policy sets.
+//! `meshgate policy …`: validate, check, test, prove, diff and replay Cedar policy sets.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -61,7 +61,27 @@ pub enum PolicyCommand {
         #[arg(long)]
         schema: Option<PathBuf>,
     },
-    /// Re-decide recorded requests with a candidate policy set and list every flip.
+    /// Prove a property for every request (SymCC + cvc5): `--no-new-access OLD NEW`,
+    /// `--equivalent OLD NEW`, `--never-errors DIR`, `--always-denies PATTERN DIR`. Exit 0
+    /// proved, 1 refuted (with a counterexample as a `policy check` line), 2 bad input,
+    /// 3 solver missing or failed.
+    Prove(super::prove::ProveArgs),
+    /// List the policies added, removed or changed from OLD to NEW, with each change's diff.
+    /// Exit 0 when the sets hold the same policies, 1 when they differ.
+    Diff {
+        /// The old policy directory.
+        old: PathBuf,
+        /// The new policy directory.
+        new: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A Cedar schema file (default: the shipped schema).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Re-decide recorded requests with a candidate policy set and list every flip. Exit 0
+    /// when nothing flips, 1 when something does (a gate for CI).
     Replay {
         /// The state directory holding the decision log.
         #[arg(long)]
@@ -69,12 +89,15 @@ pub enum PolicyCommand {
         /// The candidate policy directory.
         #[arg(long)]
         policies: PathBuf,
-        /// Only records at or after this time (RFC 3339).
+        /// Only records at or after this time: RFC 3339, or a duration ago (`7d`, `12h`).
         #[arg(long)]
         since: Option<String>,
-        /// Only records before this time (RFC 3339).
+        /// Only records before this time: RFC 3339, or a duration ago (`1d`).
         #[arg(long)]
         until: Option<String>,
+        /// Only flips of one kind count (and are listed).
+        #[arg(long, value_enum)]
+        only: Option<FlipKind>,
         /// Print one JSON object with the flips and a summary.
         #[arg(long)]
         json: bool,
@@ -93,6 +116,15 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which flips `policy replay --only` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlipKind {
+    /// Recorded allows the candidate set denies.
+    AllowToDeny,
+    /// Recorded denies the candidate set allows.
+    DenyToAllow,
 }
 
 impl PolicyCommand {
@@ -122,19 +154,30 @@ impl PolicyCommand {
                 json,
                 schema,
             } => test(&dir, schema.as_deref(), &cases, json),
+            Self::Prove(args) => args.run(),
+            Self::Diff {
+                old,
+                new,
+                json,
+                schema,
+            } => diff(&old, &new, schema.as_deref(), json),
             Self::Replay {
                 log,
                 policies,
                 since,
                 until,
+                only,
                 json,
                 schema,
             } => replay(
                 &log,
                 &policies,
                 schema.as_deref(),
-                since.as_deref(),
-                until.as_deref(),
+                Window {
+                    since: since.as_deref(),
+                    until: until.as_deref(),
+                },
+                only,
                 json,
             ),
             Self::Reload { state, json } => reload(&state, json),
@@ -306,27 +349,66 @@ fn reload(state: &Path, json: bool) -> CliResult<Outcome> {
     })
 }
 
+/// `--since`/`--until` as given.
+struct Window<'a> {
+    since: Option<&'a str>,
+    until: Option<&'a str>,
+}
+
+/// RFC 3339, or a duration before now (`7d`, `12h`, `30m`).
+fn time_or_ago(value: Option<&str>, now: SystemTime) -> CliResult<Option<SystemTime>> {
+    let Some(v) = value else { return Ok(None) };
+    if let Ok(ago) = humantime::parse_duration(v) {
+        return now
+            .checked_sub(ago)
+            .map(Some)
+            .ok_or_else(|| CliError::input(anyhow!("`{v}` reaches before the year 1970")));
+    }
+    parse_time(Some(v)).map_err(|_| {
+        CliError::input(anyhow!(
+            "`{v}` is neither an RFC 3339 time (like `2025-01-02T03:04:05Z`) nor a duration (like `7d` or `12h`)"
+        ))
+    })
+}
+
 fn replay(
     state: &Path,
     policies: &Path,
     schema: Option<&Path>,
-    since: Option<&str>,
-    until: Option<&str>,
+    window: Window<'_>,
+    only: Option<FlipKind>,
     json: bool,
 ) -> CliResult<Outcome> {
     let engine = load_engine(policies, schema)?;
+    let now = SystemTime::now();
     let filter = Filter {
-        since: parse_time(since)?,
-        until: parse_time(until)?,
+        since: time_or_ago(window.since, now)?,
+        until: time_or_ago(window.until, now)?,
         ..Filter::default()
     };
     let (_state, log) = open_log(state)?;
-    let (flips, sum) = meshgate_policy::replay(&log, &engine, &filter).internal_err()?;
+    let (mut flips, mut sum) = meshgate_policy::replay(&log, &engine, &filter).internal_err()?;
+    match only {
+        Some(FlipKind::AllowToDeny) => {
+            flips.retain(|f| f.before.allowed);
+            sum.deny_to_allow = 0;
+        }
+        Some(FlipKind::DenyToAllow) => {
+            flips.retain(|f| !f.before.allowed);
+            sum.allow_to_deny = 0;
+        }
+        None => {}
+    }
+    let outcome = if flips.is_empty() {
+        Outcome::Yes
+    } else {
+        Outcome::No
+    };
     if json {
         print_json(
             &json!({ "flips": flips, "summary": sum, "candidate_version": engine.version().to_string() }),
         )?;
-        return Ok(Outcome::Yes);
+        return Ok(outcome);
     }
     let word = |a: bool| if a { "allow" } else { "deny" };
     for f in &flips {
@@ -355,13 +437,50 @@ fn replay(
             println!("  error: {e}");
         }
     }
+    let counted = match only {
+        Some(FlipKind::AllowToDeny) => " (counting allow -> deny only)",
+        Some(FlipKind::DenyToAllow) => " (counting deny -> allow only)",
+        None => "",
+    };
     println!(
-        "{} requests replayed, {} skipped (no request facts); {} flips: {} allow -> deny, {} deny -> allow",
+        "{} requests replayed, {} skipped (no request facts); {} flips{counted}: {} allow -> deny, {} deny -> allow",
         sum.replayed,
         sum.skipped,
         sum.allow_to_deny + sum.deny_to_allow,
         sum.allow_to_deny,
         sum.deny_to_allow
     );
-    Ok(Outcome::Yes)
+    Ok(outcome)
+}
+
+fn diff(old: &Path, new: &Path, schema: Option<&Path>, json: bool) -> CliResult<Outcome> {
+    let (old_engine, new_engine) = (load_engine(old, schema)?, load_engine(new, schema)?);
+    let d = meshgate_policy::diff_sets(&old_engine, &new_engine);
+    if json {
+        print_json(&d)?;
+    } else {
+        for p in &d.added {
+            println!("added `{}`:", p.id);
+            p.text.lines().for_each(|l| println!("+ {l}"));
+        }
+        for p in &d.removed {
+            println!("removed `{}`:", p.id);
+            p.text.lines().for_each(|l| println!("- {l}"));
+        }
+        for c in &d.changed {
+            println!("changed `{}`:", c.id);
+            c.diff.iter().for_each(|l| println!("{l}"));
+        }
+        println!(
+            "{} added, {} removed, {} changed",
+            d.added.len(),
+            d.removed.len(),
+            d.changed.len()
+        );
+    }
+    Ok(if d.is_empty() {
+        Outcome::Yes
+    } else {
+        Outcome::No
+    })
 }

@@ -183,6 +183,7 @@ impl Prover {
         let mut run = Run::start(self, "no policy can fail to evaluate")?;
         let (policies, schema) = set.set_and_schema();
         check_ids(&policies)?;
+        let policies = model::static_set(&policies)?;
         let envs: Vec<RequestEnv> = schema.request_envs().collect();
         let actions: Vec<_> = envs.iter().map(|e| e.action().clone()).collect();
         let conditions = guards(&Literals::of(&[&policies]), &actions);
@@ -256,6 +257,7 @@ impl Prover {
         let mut run = Run::start(self, &format!("every request from `{pattern}` is denied"))?;
         let (policies, schema) = set.set_and_schema();
         check_ids(&policies)?;
+        let policies = model::static_set(&policies)?;
         let envs: Vec<RequestEnv> = schema.request_envs().collect();
         let actions: Vec<_> = envs.iter().map(|e| e.action().clone()).collect();
         let mut conditions = guards(&Literals::of(&[&policies]), &actions);
@@ -315,6 +317,7 @@ impl<'a> Sides<'a> {
         let (new_set, _) = new.set_and_schema();
         check_ids(&old_set)?;
         check_ids(&new_set)?;
+        let (old_set, new_set) = (model::static_set(&old_set)?, model::static_set(&new_set)?);
         let actions: Vec<_> = schema.request_envs().map(|e| e.action().clone()).collect();
         let conditions = guards(&Literals::of(&[&old_set, &new_set]), &actions);
         Ok(Self {

@@ -279,6 +279,50 @@ pub(crate) fn with_guards(
     Ok(out)
 }
 
+/// The set with every template-linked policy written out as a static one (SymCC does not
+/// take links) and the templates themselves left out (they decide nothing unlinked).
+pub(crate) fn static_set(set: &PolicySet) -> Result<PolicySet, super::ProveError> {
+    let internal = |detail: String| super::ProveError::Internal { detail };
+    let mut out = PolicySet::new();
+    for p in set.policies() {
+        let policy = match (
+            p.template_id().and_then(|t| set.template(t)),
+            p.template_links(),
+        ) {
+            (Some(t), Some(links)) => {
+                let mut json = t
+                    .to_json()
+                    .map_err(|e| internal(format!("template `{}`: {e}", t.id())))?;
+                for (slot, uid) in &links {
+                    let slot = slot.to_string();
+                    let key = if slot.contains("principal") {
+                        "principal"
+                    } else {
+                        "resource"
+                    };
+                    if let Some(scope) = json.get_mut(key).and_then(|v| v.as_object_mut())
+                        && scope.remove("slot").is_some()
+                    {
+                        scope.insert(
+                            "entity".into(),
+                            serde_json::json!({
+                                "type": uid.type_name().to_string(),
+                                "id": uid.id().unescaped(),
+                            }),
+                        );
+                    }
+                }
+                Policy::from_json(Some(p.id().clone()), json)
+                    .map_err(|e| internal(format!("linked policy `{}`: {e}", p.id())))?
+            }
+            _ => p.clone(),
+        };
+        out.add(policy)
+            .map_err(|e| internal(format!("policy `{}`: {e}", p.id())))?;
+    }
+    Ok(out)
+}
+
 /// Two policies that tell where `policy` fails to evaluate, as a subsumption: with the
 /// same scope, `forbid … when { C || !C }` (satisfied wherever its conditions `C` evaluate)
 /// and `forbid …` (satisfied wherever the scope matches). A request denied by the second
