@@ -149,12 +149,12 @@ fn line_diff(old: &str, new: &str) -> Vec<String> {
             out.push(format!("  {}", a[i]));
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push(format!("+ {}", b[j]));
-            j += 1;
-        } else {
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
             out.push(format!("- {}", a[i]));
             i += 1;
+        } else {
+            out.push(format!("+ {}", b[j]));
+            j += 1;
         }
     }
     out
@@ -218,7 +218,7 @@ when { context.path like "/admin*" };
     fn line_diffs_keep_common_lines() {
         assert_eq!(
             line_diff("a\nb\nc", "a\nx\nc"),
-            ["  a", "+ x", "- b", "  c"]
+            ["  a", "- b", "+ x", "  c"]
         );
     }
 }

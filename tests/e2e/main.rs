@@ -13,6 +13,7 @@ mod gateway_cli;
 mod gateway_ops;
 mod identity_cli;
 mod policy_cli;
+mod policy_prove;
 mod procs;
 mod protocols;
 mod relay;

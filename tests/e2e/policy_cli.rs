@@ -9,14 +9,14 @@ use std::time::SystemTime;
 use meshgate_policy::{DecisionLog, DecisionRecordInput, PolicyEngine, RequestFacts};
 use tempfile::TempDir;
 
-fn meshgate(args: &[&str]) -> Output {
+pub(crate) fn meshgate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
         .args(args)
         .output()
         .expect("run meshgate")
 }
 
-fn text(o: &Output) -> (i32, String, String) {
+pub(crate) fn text(o: &Output) -> (i32, String, String) {
     (
         o.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -24,7 +24,7 @@ fn text(o: &Output) -> (i32, String, String) {
     )
 }
 
-fn examples() -> PathBuf {
+pub(crate) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
 
@@ -176,7 +176,7 @@ fn test_cases_pass_and_a_failing_case_exits_1_with_its_deciding_policy() {
 }
 
 /// A state directory as `meshgate` lays it out, with a decision log of `n` real decisions.
-fn state_with_log(n: usize) -> TempDir {
+pub(crate) fn state_with_log(n: usize) -> TempDir {
     let dir = TempDir::new().unwrap();
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -260,7 +260,8 @@ fn audit_verify_passes_then_names_the_tampered_record() {
     let heads: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(heads.last().unwrap()["seq"], 7, "{out}");
 
-    // Replay against a set without the POST-denying default: GETs flip to deny.
+    // Replay against a set without the POST-denying default: GETs flip to deny (exit 1,
+    // so a CI job fails on it).
     let strict = TempDir::new().unwrap();
     std::fs::write(
         strict.path().join("p.cedar"),
@@ -276,7 +277,7 @@ fn audit_verify_passes_then_names_the_tampered_record() {
         &strict.path().display().to_string(),
         "--json",
     ]));
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 1, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["summary"]["allow_to_deny"], 3);
     assert_eq!(

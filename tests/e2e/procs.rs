@@ -130,3 +130,30 @@ pub fn tool(name: &str) -> Command {
 pub fn tokio_tool(name: &str) -> tokio::process::Command {
     tokio::process::Command::from(tool(name))
 }
+
+/// The path of a cvc5 >= 1.3.1 for `meshgate policy prove`: the one `meshgate` finds, or,
+/// on a machine without one, the one `scripts/install-cvc5.sh` installs (from PyPI, into
+/// `~/.local/share/meshgate/cvc5`), once per test process. A test fails if neither works.
+pub fn cvc5() -> String {
+    static FOUND: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    let found = FOUND.get_or_init(|| {
+        if let Ok(s) = meshgate_policy::Solver::locate() {
+            return Ok(s.path().display().to_string());
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-cvc5.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() && !path.is_empty() {
+            Ok(path)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    match found {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("the proof tests need cvc5 >= 1.3.1; scripts/install-cvc5.sh failed: {e}"),
+    }
+}
