@@ -5,8 +5,10 @@ PyPI's `cvc5` wheel ships libcvc5 (1.4.x) with Python bindings but no `cvc5` exe
 so programs that drive the cvc5 binary interactively (`cvc5 --lang smt`, commands on stdin,
 answers on stdout, as `cedar-policy-symcc` does) work unchanged:
 
-- each top-level command is parsed and run as soon as it is complete, and its output
-  (`sat`, `unsat`, a model, …) is written and flushed at once;
+- each top-level command is run as soon as it is complete, and its output (`sat`,
+  `unsat`, a model, …) is written and flushed at once; commands that print nothing unless
+  they fail (`declare-…`, `assert`, …) wait for the next one that answers and are parsed
+  with it;
 - `(reset)` starts a fresh solver with the command-line options applied again;
 - a command that does not parse or type-check prints `(error "Parse Error: …")` and ends
   the process with status 1, as the cvc5 binary does; other errors print `(error "…")`;
@@ -144,10 +146,31 @@ def commands(stream):
             buf.append("\n")
 
 
+# Commands that print nothing unless they fail: they are parsed together with the next
+# command that answers (a parser per command costs more than solving SymCC's queries).
+SILENT = ("(set-option", "(set-logic", "(declare-", "(define-", "(assert", "(push", "(pop")
+
+
 def main():
     session = Session(parse_args(sys.argv[1:]))
+    pending = []
     for text in commands(sys.stdin):
+        if text.startswith(SILENT):
+            pending.append(text)
+            continue
+        if pending and text.strip() != "(reset)":
+            pending.append(text)
+            text = "\n".join(pending)
+        elif pending:
+            status = session.run("\n".join(pending))
+            if status is not None:
+                sys.exit(status)
+        pending = []
         status = session.run(text)
+        if status is not None:
+            sys.exit(status)
+    if pending:
+        status = session.run("\n".join(pending))
         if status is not None:
             sys.exit(status)
     sys.exit(0)

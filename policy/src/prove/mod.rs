@@ -29,9 +29,10 @@ use std::time::Instant;
 
 use cedar_policy::{Effect, Policy, PolicyId, PolicySet, RequestEnv, Schema};
 use cedar_policy_symcc::solver::LocalSolver;
+use cedar_policy_symcc::term::Term;
 use cedar_policy_symcc::{
     CedarSymCompiler, CompiledPolicy, CompiledPolicySet, always_denies_asserts,
-    never_errors_asserts,
+    never_errors_asserts, term_factory,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -300,7 +301,7 @@ enum Direction {
     OldWithinNew,
 }
 
-/// The two sets of a comparison, with the mesh model added to each.
+/// The two sets of a comparison, without and with the mesh model.
 struct Sides<'a> {
     old: &'a PolicyEngine,
     new: &'a PolicyEngine,
@@ -374,98 +375,160 @@ impl Run {
         }
     }
 
-    /// Proves, for one request environment, that everything the "wide" side allows (with
-    /// the mesh model) the "narrow" side allows too, under meshgate's fail-closed forbids.
+    /// Proves, for one request environment, that everything the "wide" side allows the
+    /// "narrow" side allows too, under meshgate's fail-closed forbids.
+    ///
+    /// First without the mesh model (quicker, and a proof there holds for the mesh too);
+    /// only a refutation is looked at again with the model, for a request the gateway can
+    /// build (or for a proof, when only impossible requests refuted it).
     async fn subsumed(
         &mut self,
         sides: &Sides<'_>,
         env: &RequestEnv,
         dir: Direction,
     ) -> Result<(), ProveError> {
-        let (wide, narrow_set, names) = match dir {
-            Direction::NewWithinOld => (&sides.new_guarded, &sides.old_set, ("new", "old")),
-            Direction::OldWithinNew => (&sides.old_guarded, &sides.new_set, ("old", "new")),
+        let (wide, wide_guarded, narrow_set, names) = match dir {
+            Direction::NewWithinOld => (
+                &sides.new_set,
+                &sides.new_guarded,
+                &sides.old_set,
+                ("new", "old"),
+            ),
+            Direction::OldWithinNew => (
+                &sides.old_set,
+                &sides.old_guarded,
+                &sides.new_set,
+                ("old", "new"),
+            ),
         };
         let schema = &sides.schema;
-        let wide_c =
-            CompiledPolicySet::compile(wide, env, schema).map_err(|e| compile_err(env, e))?;
-        let narrow_c =
-            CompiledPolicySet::compile(narrow_set, env, schema).map_err(|e| compile_err(env, e))?;
-        let found = self
+        let compile = |set: &PolicySet| {
+            CompiledPolicySet::compile(set, env, schema).map_err(|e| compile_err(env, e))
+        };
+        let narrow_c = compile(narrow_set)?;
+        let mut wide_c = compile(wide)?;
+        let within = self
             .compiler
-            .check_implies_with_counterexample_opt(&wide_c, &narrow_c)
+            .check_implies_opt(&wide_c, &narrow_c)
             .await
             .map_err(solver_err)?;
-        if let Some(found) = found {
-            let mut cex = cex::from_env(&found.request, &found.entities);
-            let (new_d, old_d) = (decide(sides.new, &cex), decide(sides.old, &cex));
-            let (wide_d, narrow_d) = match dir {
-                Direction::NewWithinOld => (&new_d, &old_d),
-                Direction::OldWithinNew => (&old_d, &new_d),
-            };
-            cex.confirmed = wide_d.as_ref().is_some_and(|d| d.allowed)
-                && narrow_d.as_ref().is_some_and(|d| !d.allowed);
+        if !within {
+            wide_c = compile(wide_guarded)?;
+            let found = self
+                .compiler
+                .check_implies_with_counterexample_opt(&wide_c, &narrow_c)
+                .await
+                .map_err(solver_err)?;
+            if let Some(found) = found {
+                let mut cex = cex::from_env(&found.request, &found.entities);
+                let (new_d, old_d) = (decide(sides.new, &cex), decide(sides.old, &cex));
+                let (wide_d, narrow_d) = match dir {
+                    Direction::NewWithinOld => (&new_d, &old_d),
+                    Direction::OldWithinNew => (&old_d, &new_d),
+                };
+                cex.confirmed = wide_d.as_ref().is_some_and(|d| d.allowed)
+                    && narrow_d.as_ref().is_some_and(|d| !d.allowed);
+                self.findings.push(Finding {
+                    action: action_of(env),
+                    policy: None,
+                    what: format!(
+                        "the {} set allows a request the {} set denies",
+                        names.0, names.1
+                    ),
+                    decided: [("new", &new_d), ("old", &old_d)]
+                        .iter()
+                        .filter_map(|(n, d)| d.as_ref().map(|d| describe(n, d)))
+                        .collect(),
+                    counterexample: Some(cex),
+                });
+                return Ok(());
+            }
+        }
+        for id in self
+            .failing_forbids(&wide_c, narrow_set, env, schema)
+            .await?
+        {
             self.findings.push(Finding {
                 action: action_of(env),
-                policy: None,
+                policy: Some(id.clone()),
                 what: format!(
-                    "the {} set allows a request the {} set denies",
-                    names.0, names.1
+                    "forbid `{id}` of the {} set can fail to evaluate (meshgate then denies) \
+                     on a request the {} set allows; make it unable to fail so the sets can be \
+                     compared (`policy prove --never-errors` shows a request on which it fails)",
+                    names.1, names.0
                 ),
-                decided: [("new", &new_d), ("old", &old_d)]
-                    .iter()
-                    .filter_map(|(n, d)| d.as_ref().map(|d| describe(n, d)))
-                    .collect(),
-                counterexample: Some(cex),
+                decided: Vec::new(),
+                counterexample: None,
             });
-            return Ok(());
         }
-        // Forbids of the narrow side that can fail deny more than Cedar says: the wide side
-        // must deny wherever they fail.
-        for forbid in narrow_set
-            .policies()
-            .filter(|p| p.effect() == Effect::Forbid)
-        {
+        Ok(())
+    }
+
+    /// The forbids of `narrow` that can fail to evaluate on a request `wide` allows: they
+    /// deny it in meshgate (fail closed) where Cedar, and so SymCC, skip them. One query asks
+    /// whether any can; only then is each asked alone, to name it.
+    async fn failing_forbids(
+        &mut self,
+        wide: &CompiledPolicySet,
+        narrow: &PolicySet,
+        env: &RequestEnv,
+        schema: &Schema,
+    ) -> Result<Vec<String>, ProveError> {
+        let mut forbids = Vec::new();
+        for forbid in narrow.policies().filter(|p| p.effect() == Effect::Forbid) {
             let compiled =
                 CompiledPolicy::compile(forbid, env, schema).map_err(|e| compile_err(env, e))?;
-            if self
+            // Constant `false`: SymCC already knows it cannot fail.
+            if !never_errors_asserts(&compiled)
+                .asserts()
+                .iter()
+                .any(|t| *t == false.into())
+            {
+                forbids.push((forbid.id().to_string(), compiled));
+            }
+        }
+        let allows = always_denies_asserts(wide);
+        // The well-formedness facts of every forbid hold together; the failure of any one
+        // of them is the disjunction of each one's last assertion (`verify_evaluate_opt`
+        // puts the property last, after the facts).
+        let mut all: Vec<Term> = allows.asserts().iter().cloned().collect();
+        let mut any_fails: Term = false.into();
+        for (_, compiled) in &forbids {
+            let fails = never_errors_asserts(compiled);
+            if let Some((last, facts)) = fails.asserts().split_last() {
+                all.extend(facts.iter().cloned());
+                any_fails = term_factory::or(any_fails, last.clone());
+            }
+        }
+        all.push(any_fails);
+        if forbids.is_empty()
+            || self
                 .compiler
-                .check_never_errors_opt(&compiled)
+                .check_unsat_raw(Arc::new(all), allows.symenv())
                 .await
                 .map_err(solver_err)?
-            {
-                continue;
-            }
-            let allows = always_denies_asserts(&wide_c);
-            let fails = never_errors_asserts(&compiled);
-            let both: Vec<_> = allows
+        {
+            return Ok(Vec::new());
+        }
+        let mut failing = Vec::new();
+        for (id, compiled) in &forbids {
+            let fails = never_errors_asserts(compiled);
+            let both: Vec<Term> = allows
                 .asserts()
                 .iter()
                 .chain(fails.asserts().iter())
                 .cloned()
                 .collect();
-            let never_both = self
+            if !self
                 .compiler
                 .check_unsat_raw(Arc::new(both), allows.symenv())
                 .await
-                .map_err(solver_err)?;
-            if !never_both {
-                let id = forbid.id().to_string();
-                self.findings.push(Finding {
-                    action: action_of(env),
-                    policy: Some(id.clone()),
-                    what: format!(
-                        "forbid `{id}` of the {} set can fail to evaluate (meshgate then denies) \
-                         on a request the {} set allows; guard what can fail (`hasTag` before \
-                         `getTag`, say) so the sets can be compared",
-                        names.1, names.0
-                    ),
-                    decided: Vec::new(),
-                    counterexample: None,
-                });
+                .map_err(solver_err)?
+            {
+                failing.push(id.clone());
             }
         }
-        Ok(())
+        Ok(failing)
     }
 }
 
