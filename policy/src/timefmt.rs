@@ -10,9 +10,18 @@ use time::macros::format_description;
 /// RFC 3339 in UTC, e.g. `2025-01-02T03:04:05.123456789Z`. Times outside the years
 /// 0000–9999 fall back to the Unix epoch (they cannot come from a real clock).
 pub fn to_rfc3339(t: SystemTime) -> String {
-    OffsetDateTime::from(t)
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+    offset_date_time(t)
+        .and_then(|dt| dt.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
+/// `t` as a date, or `None` past what `time` represents (`OffsetDateTime::from` panics
+/// there: a solver's counterexample can be that far out).
+fn offset_date_time(t: SystemTime) -> Option<OffsetDateTime> {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => OffsetDateTime::UNIX_EPOCH.checked_add(after.try_into().ok()?),
+        Err(before) => OffsetDateTime::UNIX_EPOCH.checked_sub(before.duration().try_into().ok()?),
+    }
 }
 
 /// Parses RFC 3339 (any offset).
@@ -26,7 +35,7 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 pub(crate) fn cedar_datetime(t: SystemTime) -> Option<String> {
     let fmt =
         format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    let dt = OffsetDateTime::from(t);
+    let dt = offset_date_time(t)?;
     if !(0..=9999).contains(&dt.year()) {
         return None;
     }
@@ -64,5 +73,9 @@ mod tests {
         assert_eq!(parse_rfc3339(&s), Some(t));
         assert_eq!(cedar_datetime(t).unwrap(), "2023-11-14T22:13:20.123Z");
         assert_eq!(parse_rfc3339("yesterday"), None);
+        // Far out of range: the epoch, not a panic.
+        let far = UNIX_EPOCH + Duration::from_millis(i64::MAX as u64);
+        assert_eq!(to_rfc3339(far), "1970-01-01T00:00:00Z");
+        assert_eq!(cedar_datetime(far), None);
     }
 }

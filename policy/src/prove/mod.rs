@@ -42,7 +42,7 @@ pub use pattern::PrincipalPattern;
 pub use solver::{INSTALL_HINT, Solver};
 
 use crate::engine::PolicyEngine;
-use model::{GUARD_PREFIX, Literals, guards, with_guards};
+use model::{GUARD_PREFIX, Literals, with_guards};
 
 /// Why a proof could not be attempted or finished (not a refutation: that is a [`Finding`]).
 #[derive(Debug, Error)]
@@ -187,20 +187,19 @@ impl Prover {
         let policies = model::static_set(&policies)?;
         let envs: Vec<RequestEnv> = schema.request_envs().collect();
         let actions: Vec<_> = envs.iter().map(|e| e.action().clone()).collect();
-        let conditions = guards(&Literals::of(&[&policies]), &actions);
+        let levels = model::levels(&Literals::of(&[&policies]), &actions);
         let allow_all = PolicySet::from_policies([Policy::parse(
             Some(PolicyId::new(format!("{GUARD_PREFIX}all"))),
             "permit (principal, action, resource);",
         )
         .map_err(|e| internal(e.to_string()))?])
         .map_err(|e| internal(e.to_string()))?;
-        let base = with_guards(&allow_all, &conditions)?;
         for env in &envs {
             let t = Instant::now();
             for policy in policies.policies() {
                 let compiled = CompiledPolicy::compile(policy, env, &schema)
                     .map_err(|e| compile_err(env, e))?;
-                // Most policies cannot fail at all; only the others need the mesh model.
+                // Most policies cannot fail at all; only the others need the probe.
                 if run
                     .compiler
                     .check_never_errors_opt(&compiled)
@@ -211,27 +210,22 @@ impl Prover {
                 }
                 let (evaluates, scope) = model::error_probe(policy)?;
                 let with = |p: Policy| -> Result<PolicySet, ProveError> {
-                    let mut s = base.clone();
+                    let mut s = allow_all.clone();
                     s.add(p).map_err(|e| internal(e.to_string()))?;
                     Ok(s)
                 };
                 let (wide, narrow) = (with(evaluates)?, with(scope)?);
-                let wide_c = CompiledPolicySet::compile(&wide, env, &schema)
-                    .map_err(|e| compile_err(env, e))?;
                 let narrow_c = CompiledPolicySet::compile(&narrow, env, &schema)
                     .map_err(|e| compile_err(env, e))?;
-                let found = run
-                    .compiler
-                    .check_implies_with_counterexample_opt(&wide_c, &narrow_c)
-                    .await
-                    .map_err(solver_err)?;
-                let Some(found) = found else { continue };
                 let id = policy.id().to_string();
-                let mut cex = cex::from_env(&found.request, &found.entities);
+                let fails_on = |cex: &Counterexample| {
+                    decide(set, cex).is_some_and(|d| d.errors.iter().any(|e| e.contains(&id)))
+                };
+                let found = run
+                    .refute(env, &schema, &wide, Some(&narrow_c), &levels, fails_on)
+                    .await?;
+                let Some(cex) = found else { continue };
                 let d = decide(set, &cex);
-                cex.confirmed = d
-                    .as_ref()
-                    .is_some_and(|d| d.errors.iter().any(|e| e.contains(&id)));
                 let effect = match policy.effect() {
                     Effect::Forbid => "a forbid: meshgate denies the request",
                     Effect::Permit => "a permit: it is skipped",
@@ -261,23 +255,19 @@ impl Prover {
         let policies = model::static_set(&policies)?;
         let envs: Vec<RequestEnv> = schema.request_envs().collect();
         let actions: Vec<_> = envs.iter().map(|e| e.action().clone()).collect();
-        let mut conditions = guards(&Literals::of(&[&policies]), &actions);
-        conditions.push(pattern.guard());
-        let guarded = with_guards(&policies, &conditions)?;
+        // The pattern is part of the question: every level has it.
+        let levels = model::levels(&Literals::of(&[&policies]), &actions);
+        let policies = with_guards(&policies, &[pattern.guard()])?;
         for env in &envs {
             let t = Instant::now();
-            let compiled = CompiledPolicySet::compile(&guarded, env, &schema)
-                .map_err(|e| compile_err(env, e))?;
+            let allowed_match = |cex: &Counterexample| {
+                decide(set, cex).is_some_and(|d| d.allowed) && pattern.matches(&cex.principal)
+            };
             let found = run
-                .compiler
-                .check_always_denies_with_counterexample_opt(&compiled)
-                .await
-                .map_err(solver_err)?;
-            if let Some(found) = found {
-                let mut cex = cex::from_env(&found.request, &found.entities);
+                .refute(env, &schema, &policies, None, &levels, allowed_match)
+                .await?;
+            if let Some(cex) = found {
                 let d = decide(set, &cex);
-                cex.confirmed =
-                    d.as_ref().is_some_and(|d| d.allowed) && pattern.matches(&cex.principal);
                 run.findings.push(Finding {
                     action: action_of(env),
                     policy: None,
@@ -301,14 +291,13 @@ enum Direction {
     OldWithinNew,
 }
 
-/// The two sets of a comparison, without and with the mesh model.
+/// The two sets of a comparison and the mesh model's guards for them.
 struct Sides<'a> {
     old: &'a PolicyEngine,
     new: &'a PolicyEngine,
     old_set: PolicySet,
     new_set: PolicySet,
-    old_guarded: PolicySet,
-    new_guarded: PolicySet,
+    levels: [Vec<String>; 3],
     schema: Schema,
 }
 
@@ -320,10 +309,8 @@ impl<'a> Sides<'a> {
         check_ids(&new_set)?;
         let (old_set, new_set) = (model::static_set(&old_set)?, model::static_set(&new_set)?);
         let actions: Vec<_> = schema.request_envs().map(|e| e.action().clone()).collect();
-        let conditions = guards(&Literals::of(&[&old_set, &new_set]), &actions);
         Ok(Self {
-            old_guarded: with_guards(&old_set, &conditions)?,
-            new_guarded: with_guards(&new_set, &conditions)?,
+            levels: model::levels(&Literals::of(&[&old_set, &new_set]), &actions),
             old,
             new,
             old_set,
@@ -375,79 +362,105 @@ impl Run {
         }
     }
 
+    /// Asks for a request that `wide` allows and `narrow` denies (with no `narrow`: that
+    /// `wide` allows), trying the mesh model's guard levels in turn (see `model::levels`):
+    /// `None` is a proof. A counterexample is rebuilt as request facts and `confirm`ed with
+    /// meshgate's engines; an unconfirmed one is asked again at the next level.
+    async fn refute(
+        &mut self,
+        env: &RequestEnv,
+        schema: &Schema,
+        wide: &PolicySet,
+        narrow: Option<&CompiledPolicySet>,
+        levels: &[Vec<String>; 3],
+        confirm: impl Fn(&Counterexample) -> bool,
+    ) -> Result<Option<Counterexample>, ProveError> {
+        let mut last = None;
+        for guards in levels {
+            let set = with_guards(wide, guards)?;
+            let wide_c =
+                CompiledPolicySet::compile(&set, env, schema).map_err(|e| compile_err(env, e))?;
+            let found = match narrow {
+                Some(narrow) => {
+                    self.compiler
+                        .check_implies_with_counterexample_opt(&wide_c, narrow)
+                        .await
+                }
+                None => {
+                    self.compiler
+                        .check_always_denies_with_counterexample_opt(&wide_c)
+                        .await
+                }
+            }
+            .map_err(solver_err)?;
+            let Some(found) = found else { return Ok(None) };
+            let mut cex = cex::from_env(&found.request, &found.entities);
+            cex.confirmed = confirm(&cex);
+            if cex.confirmed {
+                return Ok(Some(cex));
+            }
+            last = Some(cex);
+        }
+        Ok(last)
+    }
+
     /// Proves, for one request environment, that everything the "wide" side allows the
     /// "narrow" side allows too, under meshgate's fail-closed forbids.
-    ///
-    /// First without the mesh model (quicker, and a proof there holds for the mesh too);
-    /// only a refutation is looked at again with the model, for a request the gateway can
-    /// build (or for a proof, when only impossible requests refuted it).
     async fn subsumed(
         &mut self,
         sides: &Sides<'_>,
         env: &RequestEnv,
         dir: Direction,
     ) -> Result<(), ProveError> {
-        let (wide, wide_guarded, narrow_set, names) = match dir {
-            Direction::NewWithinOld => (
-                &sides.new_set,
-                &sides.new_guarded,
-                &sides.old_set,
-                ("new", "old"),
-            ),
-            Direction::OldWithinNew => (
-                &sides.old_set,
-                &sides.old_guarded,
-                &sides.new_set,
-                ("old", "new"),
-            ),
+        let (wide, narrow_set, names) = match dir {
+            Direction::NewWithinOld => (&sides.new_set, &sides.old_set, ("new", "old")),
+            Direction::OldWithinNew => (&sides.old_set, &sides.new_set, ("old", "new")),
         };
         let schema = &sides.schema;
         let compile = |set: &PolicySet| {
             CompiledPolicySet::compile(set, env, schema).map_err(|e| compile_err(env, e))
         };
         let narrow_c = compile(narrow_set)?;
-        let mut wide_c = compile(wide)?;
-        let within = self
-            .compiler
-            .check_implies_opt(&wide_c, &narrow_c)
-            .await
-            .map_err(solver_err)?;
-        if !within {
-            wide_c = compile(wide_guarded)?;
-            let found = self
-                .compiler
-                .check_implies_with_counterexample_opt(&wide_c, &narrow_c)
-                .await
-                .map_err(solver_err)?;
-            if let Some(found) = found {
-                let mut cex = cex::from_env(&found.request, &found.entities);
-                let (new_d, old_d) = (decide(sides.new, &cex), decide(sides.old, &cex));
-                let (wide_d, narrow_d) = match dir {
-                    Direction::NewWithinOld => (&new_d, &old_d),
-                    Direction::OldWithinNew => (&old_d, &new_d),
-                };
-                cex.confirmed = wide_d.as_ref().is_some_and(|d| d.allowed)
-                    && narrow_d.as_ref().is_some_and(|d| !d.allowed);
-                self.findings.push(Finding {
-                    action: action_of(env),
-                    policy: None,
-                    what: format!(
-                        "the {} set allows a request the {} set denies",
-                        names.0, names.1
-                    ),
-                    decided: [("new", &new_d), ("old", &old_d)]
-                        .iter()
-                        .filter_map(|(n, d)| d.as_ref().map(|d| describe(n, d)))
-                        .collect(),
-                    counterexample: Some(cex),
-                });
-                return Ok(());
-            }
+        let (wide_engine, narrow_engine) = match dir {
+            Direction::NewWithinOld => (sides.new, sides.old),
+            Direction::OldWithinNew => (sides.old, sides.new),
+        };
+        let flips = |cex: &Counterexample| {
+            decide(wide_engine, cex).is_some_and(|d| d.allowed)
+                && decide(narrow_engine, cex).is_some_and(|d| !d.allowed)
+        };
+        let found = self
+            .refute(env, schema, wide, Some(&narrow_c), &sides.levels, flips)
+            .await?;
+        if let Some(cex) = found {
+            let (new_d, old_d) = (decide(sides.new, &cex), decide(sides.old, &cex));
+            self.findings.push(Finding {
+                action: action_of(env),
+                policy: None,
+                what: format!(
+                    "the {} set allows a request the {} set denies",
+                    names.0, names.1
+                ),
+                decided: [("new", &new_d), ("old", &old_d)]
+                    .iter()
+                    .filter_map(|(n, d)| d.as_ref().map(|d| describe(n, d)))
+                    .collect(),
+                counterexample: Some(cex),
+            });
+            return Ok(());
         }
-        for id in self
-            .failing_forbids(&wide_c, narrow_set, env, schema)
-            .await?
-        {
+        // Without the guards first; a forbid that seems to fail is asked again with them.
+        let mut failing = self
+            .failing_forbids(&compile(wide)?, narrow_set, env, schema)
+            .await?;
+        if !failing.is_empty() {
+            let [.., full] = &sides.levels;
+            let guarded = compile(&with_guards(wide, full)?)?;
+            failing = self
+                .failing_forbids(&guarded, narrow_set, env, schema)
+                .await?;
+        }
+        for id in failing {
             self.findings.push(Finding {
                 action: action_of(env),
                 policy: Some(id.clone()),

@@ -107,9 +107,19 @@ pub(crate) fn lit(s: &str) -> String {
     out
 }
 
-/// The guard policies for a query over sets that mention `lits`, for a schema with
-/// `actions` (their ids: `GET`, …, `connect`).
-pub(crate) fn guards(lits: &Literals, actions: &[EntityUid]) -> Vec<String> {
+/// The guards in the order a query tries them: none (quickest; a proof there holds for the
+/// mesh too), the general rules, then also those about each entity the policies name (many,
+/// in a large set, and slow). A refutation moves to the next level only while its
+/// counterexample is not one the gateway can build.
+pub(crate) fn levels(lits: &Literals, actions: &[EntityUid]) -> [Vec<String>; 3] {
+    let general = general_guards(lits, actions);
+    let mut full = general.clone();
+    full.extend(entity_guards(lits));
+    [Vec::new(), general, full]
+}
+
+/// The guards about every request, for a schema with `actions` (`GET`, …, `connect`).
+fn general_guards(lits: &Literals, actions: &[EntityUid]) -> Vec<String> {
     let mut g = Vec::new();
     // context.headers and context.claims are always these two entities.
     g.push(
@@ -195,6 +205,12 @@ pub(crate) fn guards(lits: &Literals, actions: &[EntityUid]) -> Vec<String> {
             .join(" || ");
         g.push(format!("when {{ !context.has_claims && ({any_claim}) }}"));
     }
+    g
+}
+
+/// The guards about the entities the policies name.
+fn entity_guards(lits: &Literals) -> Vec<String> {
+    let mut g = Vec::new();
     // Membership follows the IDs: `Workload` is in `TrustDomain::"<td>"` and, with a
     // namespace, in `Namespace::"<td>/<ns>"`; a service is in `Namespace::"<its td>/<ns>"`.
     for td in &lits.trust_domains {
@@ -266,9 +282,14 @@ pub(crate) fn with_guards(
     conditions: &[String],
 ) -> Result<PolicySet, super::ProveError> {
     let mut out = set.clone();
+    // Guards may be added in two steps (a pattern, then a level): number them on.
+    let first = set
+        .policies()
+        .filter(|p| p.id().to_string().starts_with(GUARD_PREFIX))
+        .count();
     for (i, cond) in conditions.iter().enumerate() {
         let text = format!("forbid (principal, action, resource) {cond};");
-        let id = PolicyId::new(format!("{GUARD_PREFIX}{i}"));
+        let id = PolicyId::new(format!("{GUARD_PREFIX}{}", first + i));
         let policy = Policy::parse(Some(id), &text).map_err(|e| super::ProveError::Internal {
             detail: format!("mesh model guard `{text}` does not parse: {e}"),
         })?;
@@ -421,7 +442,8 @@ mod tests {
         let schema = Schema::from_cedarschema_str(crate::MESH_SCHEMA).unwrap().0;
         let set = PolicySet::from_str(SET).unwrap();
         let actions: Vec<EntityUid> = schema.actions().cloned().collect();
-        let guarded = with_guards(&set, &guards(&Literals::of(&[&set]), &actions)).unwrap();
+        let [_, _, full] = levels(&Literals::of(&[&set]), &actions);
+        let guarded = with_guards(&set, &full).unwrap();
         let result = Validator::new(schema).validate(&guarded, ValidationMode::Strict);
         let errors: Vec<String> = result
             .validation_errors()
