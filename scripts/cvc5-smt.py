@@ -94,7 +94,11 @@ class Session:
             if command.getCommandName() == "exit":
                 return 0
             try:
-                emit(command.invoke(self.solver, self.symbols))
+                out = command.invoke(self.solver, self.symbols)
+                # The bindings add the reason (`unknown (TIMEOUT)`); the binary does not.
+                if command.getCommandName() == "check-sat" and out.startswith("unknown"):
+                    out = "unknown\n"
+                emit(out)
             except RuntimeError as e:
                 emit("(error %s)\n" % quote(str(e)))
 

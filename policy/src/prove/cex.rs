@@ -114,49 +114,92 @@ pub(crate) fn from_env(request: &Request, entities: &Entities) -> Counterexample
     }
 }
 
-/// The workload's SPIFFE ID: its entity id when that is a valid ID that agrees with its
-/// attributes, else one built from its attributes.
+/// The workload's SPIFFE ID. What policies can test is kept first: an entity id that is a
+/// SPIFFE ID (a literal of the policies, usually) and agrees with the groups the solver put
+/// it in; else those groups (namespace, trust domain), then its attributes.
 fn caller_id(p: &Entity) -> String {
     let attr = |name: &str| match p.attr(name) {
         Some(Ok(EvalResult::String(s))) => Some(s),
         _ => None,
     };
-    let td = trust_domain(&attr("trust_domain").unwrap_or_default());
-    let ns = attr("namespace").map(|s| label(&s, false));
-    let sa = attr("service_account").map(|s| label(&s, false));
     let id = p.uid().id().unescaped().to_owned();
-    if let Ok(c) = Caller::parse(&id)
-        && c.trust_domain == td
-        && c.namespace == ns
-        && c.service_account == sa
-    {
-        return id;
+    let parents = parents(p);
+    if let Ok(c) = Caller::parse(&id) {
+        let agrees = parents.iter().all(|(ty, pid)| match ty.as_str() {
+            "TrustDomain" => *pid == c.trust_domain,
+            "Namespace" => c
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| *pid == format!("{}/{ns}", c.trust_domain)),
+            _ => true,
+        });
+        if agrees {
+            return id;
+        }
     }
+    let mut td = trust_domain(&attr("trust_domain").unwrap_or_default());
+    if let Some(parent) = parents
+        .iter()
+        .find_map(|(ty, id)| (ty == "TrustDomain" && valid_trust_domain(id)).then(|| id.clone()))
+    {
+        td = parent;
+    }
+    let mut ns = attr("namespace").map(|s| label(&s, false));
+    if let Some((pt, pn)) = parents.iter().find_map(|(ty, id)| namespace_of(ty, id)) {
+        td = pt;
+        ns = Some(pn);
+    }
+    let sa = attr("service_account").map(|s| label(&s, false));
     match (ns, sa) {
-        (Some(ns), Some(sa)) => format!("spiffe://{td}/ns/{ns}/sa/{sa}"),
-        _ => format!("spiffe://{td}/workload"),
+        (Some(ns), sa) => format!(
+            "spiffe://{td}/ns/{ns}/sa/{}",
+            sa.unwrap_or_else(|| "x".into())
+        ),
+        (None, _) => format!("spiffe://{td}/workload"),
     }
 }
 
-/// The service id, its trust domain and its labels.
+/// The service id, its trust domain and its labels: the labels of the entity id when it is
+/// a service name (else its attributes), with the namespace the solver put it in.
 fn service_id(r: &Entity) -> (String, String, BTreeMap<String, String>) {
     let attr = |name: &str| match r.attr(name) {
         Some(Ok(EvalResult::String(s))) => s,
         _ => String::new(),
     };
-    let td = trust_domain(&attr("trust_domain"));
+    let mut td = trust_domain(&attr("trust_domain"));
+    let parent = parents(r).iter().find_map(|(ty, id)| namespace_of(ty, id));
     let id = r.uid().id().unescaped().to_owned();
-    let built = format!(
-        "{}.{}.{}",
+    let (mut name, mut ns, mut cluster) = (
         label(&attr("name"), false),
         label(&attr("namespace"), false),
-        label(&attr("cluster"), false)
+        label(&attr("cluster"), false),
     );
-    let service = match split_service(&id) {
-        Ok(_) if id == built => id,
-        _ => built,
-    };
-    (service, td, tags(r))
+    if let Ok((n, s, c)) = split_service(&id) {
+        (name, ns, cluster) = (n.to_owned(), s.to_owned(), c.to_owned());
+    }
+    if let Some((pt, pn)) = parent {
+        td = pt;
+        ns = pn;
+    }
+    (format!("{name}.{ns}.{cluster}"), td, tags(r))
+}
+
+/// The (type, id) of each parent of an entity.
+fn parents(e: &Entity) -> Vec<(String, String)> {
+    let (_, _, parents) = e.clone().into_inner();
+    let mut out: Vec<(String, String)> = parents
+        .into_iter()
+        .map(|p| (p.type_name().to_string(), p.id().unescaped().to_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// `Namespace::"<td>/<ns>"` as (td, ns), when both are valid.
+fn namespace_of(ty: &str, id: &str) -> Option<(String, String)> {
+    let (td, ns) = id.split_once('/')?;
+    (ty == "Namespace" && valid_trust_domain(td) && !ns.is_empty() && label(ns, false) == ns)
+        .then(|| (td.to_owned(), ns.to_owned()))
 }
 
 /// A DNS-label-like name (`[a-z0-9-]`, at most 63): other characters become `-`; empty

@@ -11,8 +11,9 @@
 //! Each question is asked once per request environment of the schema (one per action, since
 //! every mesh action takes a `Workload` principal and a `Service` resource). A refutation
 //! carries a [`Counterexample`] in the shape `policy check` takes, decided again by meshgate's
-//! own engines (see `cex`); the solver is kept to requests the gateway can build by the
-//! mesh model (see `model`).
+//! own engines (see `cex`). Each query is first asked about every request the schema allows
+//! (quickest, and a proof there holds for the mesh); a refutation whose request the gateway
+//! could not build is asked again with more of the mesh model (see `model::levels`).
 //!
 //! Semantics: meshgate counts a `forbid` whose condition fails to evaluate as satisfied
 //! (fail closed), where Cedar (and SymCC) skip it. A forbid of the *old* set that can fail
@@ -391,8 +392,13 @@ impl Run {
                         .check_always_denies_with_counterexample_opt(&wide_c)
                         .await
                 }
-            }
-            .map_err(solver_err)?;
+            };
+            let found = match found {
+                // Refuted already; the solver could not say more within its time limit:
+                // the unconfirmed counterexample is the answer (not proved).
+                Err(cedar_policy_symcc::err::Error::SolverUnknown) if last.is_some() => break,
+                other => other.map_err(solver_err)?,
+            };
             let Some(found) = found else { return Ok(None) };
             let mut cex = cex::from_env(&found.request, &found.entities);
             cex.confirmed = confirm(&cex);
