@@ -142,6 +142,12 @@ impl Prepared {
         .await
         .map_err(|e| CliError::internal(anyhow::anyhow!(e)))?;
         let mesh_dns = federation_wiring::start(&federation, &gateway, &config).await?;
+        if config.audit.witness_check == meshgate_gateway::WitnessCheck::Strict
+            && let Err(e) = federation_wiring::check_witnesses(&federation).await
+        {
+            gateway.shutdown().await;
+            return Err(e);
+        }
         let admin = AdminServer::bind(&admin_socket, registry, log.clone())
             .await
             .internal_err()?;
@@ -221,15 +227,24 @@ impl Running {
         out
     }
 
-    /// Graceful shutdown: stop the issuer API, the admin socket and checkpoints, then drain
-    /// the gateway.
+    /// Graceful shutdown: stop the issuer API and the admin socket, drain the gateway, sign
+    /// a last checkpoint and push it to the peers (so every answered decision is witnessed),
+    /// then close the tunnel.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.admin.shutdown().await;
-        self.gateway.shutdown().await;
-        // A final signed checkpoint, so the log's last head is witnessed at shutdown.
-        if let Err(e) = self.log.checkpoint(SystemTime::now()) {
-            tracing::warn!(error = %e, "cannot sign the final checkpoint");
+        self.gateway.drain().await;
+        match self.log.checkpoint(SystemTime::now()) {
+            Ok(head) => {
+                let pushed = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    self.federation.push_head(&head),
+                )
+                .await;
+                tracing::info!(seq = head.seq, peers = ?pushed.ok(), "final checkpoint signed and pushed");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot sign the final checkpoint"),
         }
+        self.gateway.close().await;
     }
 }

@@ -9,6 +9,7 @@
 //! | `GET /.meshgate/v1/services` | [`ServicesDoc`]: what we export to the caller |
 //! | `GET /.meshgate/v1/endpoints` | [`EndpointsDoc`]: our gateway addresses |
 //! | `GET /.meshgate/v1/checkpoints` | [`CheckpointsDoc`]: our signed decision-log heads |
+//! | `POST /.meshgate/v1/checkpoints` (body: [`CheckpointsDoc`] of the caller's own log) | [`WitnessAck`](crate::WitnessAck): the heads are held here as its witness |
 //! | `GET /.meshgate/v1/witnessed` | [`CheckpointsDoc`]: the caller's heads we hold |
 //!
 //! Only the gateway of a linked trust domain gets answers; a bundle push can only update the
@@ -141,6 +142,24 @@ impl Federation {
                         checkpoints,
                     },
                 )
+            }
+            (&Method::POST, CHECKPOINTS_PATH) => {
+                let doc: CheckpointsDoc = match serde_json::from_slice(request.body()) {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        return error(StatusCode::BAD_REQUEST, &format!("not checkpoints: {e}"));
+                    }
+                };
+                if doc.trust_domain != td.as_str() {
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        &format!(
+                            "the gateway of `{td}` may only push heads of its own log, not `{}`",
+                            doc.trust_domain
+                        ),
+                    );
+                }
+                json(StatusCode::OK, &self.witness_heads(td, &doc.checkpoints))
             }
             (&Method::GET, WITNESSED_PATH) => match self.store().witnessed(td.as_str()) {
                 Ok(checkpoints) => json(

@@ -125,6 +125,8 @@ pub(crate) struct Peer {
     pub discovered: Vec<SocketAddr>,
     pub wake: Arc<Notify>,
     pub task: Option<JoinHandle<()>>,
+    /// The last comparison of our log with the heads this peer holds of it.
+    pub self_check: crate::witnessing::SelfCheck,
 }
 
 /// The federation of one cluster: links, peer state, catalog, control protocol.
@@ -290,6 +292,7 @@ impl Federation {
                 discovered: Vec::new(),
                 wake: Arc::new(Notify::new()),
                 task: None,
+                self_check: Default::default(),
             },
         );
         drop(peers);

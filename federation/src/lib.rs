@@ -13,7 +13,9 @@
 //!   The gateway's traits are implemented in the root crate over these (crate edges:
 //!   neither `gateway` nor `federation` depends on the other).
 //! - [`MeshDns`] serves the mesh zone with hickory-server; [`discovery`] finds peer gateways
-//!   with hickory-resolver; [`witness`] checks a decision log against heads held by peers.
+//!   with hickory-resolver; [`witness`] checks a decision log against heads held by peers;
+//!   new heads are pushed to peers within a second, and each gateway checks its own log
+//!   against what its peers hold ([`Federation::check_witness`]).
 //!
 //! Decisions (bundle acceptance, freshness, ranking, backoff) live in [`rules`], free of
 //! I/O, with `now` passed in.
@@ -29,6 +31,7 @@ mod status;
 mod store;
 mod sync;
 pub mod witness;
+mod witnessing;
 
 pub use dns::{MESH_TTL, MeshDns, zone_records};
 pub use error::FederationError;
@@ -38,3 +41,4 @@ pub use federation::{
 pub use link::{Link, PeerState, bundle_not_after};
 pub use status::{LinkStatus, link_status, status_from_db};
 pub use store::Store;
+pub use witnessing::{PUSH_EVERY, SELF_CHECK_EVERY, WitnessAck};

@@ -40,6 +40,13 @@ pub struct LinkStatus {
     pub exported: Vec<String>,
     /// The peer's latest decision-log head we hold as witness.
     pub witnessed_seq: Option<u64>,
+    /// Whether the heads the peer holds of *our* log disagree with it (the self-check;
+    /// `None` until it ran against this peer).
+    #[serde(default)]
+    pub witness_mismatch: Option<bool>,
+    /// The first disagreement the self-check found.
+    #[serde(default)]
+    pub witness_problem: Option<String>,
     /// The last sync error.
     pub last_error: Option<String>,
 }
@@ -92,6 +99,8 @@ pub fn link_status(
         imported: state.imported.clone(),
         exported: state.exported.clone(),
         witnessed_seq: state.witnessed_seq,
+        witness_mismatch: None,
+        witness_problem: None,
         last_error: state.last_error.clone(),
     }
 }
@@ -117,14 +126,17 @@ impl Federation {
         self.read()
             .values()
             .map(|p| {
-                link_status(
+                let mut status = link_status(
                     &p.link,
                     &p.state,
                     Some(p.healthy),
                     p.closed,
                     self.options(),
                     now,
-                )
+                );
+                status.witness_mismatch = p.self_check.mismatch;
+                status.witness_problem = p.self_check.problem.clone();
+                status
             })
             .collect()
     }

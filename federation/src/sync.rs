@@ -17,7 +17,6 @@ use crate::control::{
 use crate::federation::{ControlTransport, Federation};
 use crate::link::unix;
 use crate::rules;
-use crate::witness;
 
 /// What one successful exchange with a peer gateway brought.
 struct Fetched {
@@ -41,11 +40,12 @@ impl Federation {
         }
         let weak = Arc::downgrade(self);
         let poll = self.options().local_poll;
-        let task = tokio::spawn(watch_local(weak, poll));
-        self.tasks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(task);
+        let task = tokio::spawn(watch_local(weak.clone(), poll));
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.push(task);
+        if let Some(heads) = self.log().and_then(|log| log.subscribe_checkpoints()) {
+            tasks.push(tokio::spawn(crate::witnessing::push_loop(weak, heads)));
+        }
     }
 
     pub(crate) fn spawn_peer(self: &Arc<Self>, td: &TrustDomain) {
@@ -143,31 +143,7 @@ impl Federation {
         if let Some(reason) = ack.reason.filter(|_| !ack.accepted) {
             tracing::debug!(trust_domain = %td, %reason, "fetched bundle not taken");
         }
-        let admitted = self.store().witnessed(td.as_str()).and_then(|held| {
-            let pinned = self.store().witness_key(td.as_str())?;
-            Ok(witness::admit(
-                &held,
-                pinned.as_deref(),
-                &f.checkpoints.checkpoints,
-            ))
-        });
-        let mut witnessed_seq = None;
-        match admitted {
-            Ok(a) => {
-                for c in &a.conflicts {
-                    tracing::error!(trust_domain = %td, conflict = %c, "peer's decision log disagrees with the heads witnessed here");
-                }
-                if let (Some(key), false) = (&a.key, a.new.is_empty()) {
-                    if let Err(e) = self.store().append_witnessed(td.as_str(), key, &a.new) {
-                        tracing::warn!(trust_domain = %td, error = %e, "cannot store witnessed checkpoints");
-                    }
-                    witnessed_seq = a.new.last().map(|c| c.seq);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(trust_domain = %td, error = %e, "cannot read witnessed checkpoints")
-            }
-        }
+        self.witness_heads(td, &f.checkpoints.checkpoints);
         let mut peers = self.write();
         let Some(p) = peers.get_mut(td) else { return };
         let mut services = f.services.services;
@@ -178,9 +154,6 @@ impl Federation {
         p.state.endpoints = f.endpoints.gateways;
         p.state.last_sync = Some(unix(now));
         p.state.last_error = None;
-        if witnessed_seq.is_some() {
-            p.state.witnessed_seq = witnessed_seq;
-        }
         p.healthy = true;
         p.failures = 0;
         p.rtt = Some(rules::smooth_rtt(p.rtt, f.rtt));
@@ -285,7 +258,13 @@ impl Federation {
 async fn refresh_loop(fed: Weak<Federation>, td: TrustDomain, wake: Arc<tokio::sync::Notify>) {
     loop {
         let Some(f) = fed.upgrade() else { return };
-        let _ = f.sync_now(&td).await;
+        // After a sync, now and then: do the heads this peer holds of our log agree with it?
+        if f.sync_now(&td).await.is_ok()
+            && f.self_check_due(&td)
+            && let Err(e) = f.check_witness(&td).await
+        {
+            tracing::debug!(peer = %td, error = %e, "witness self-check could not run");
+        }
         let delay = f.next_delay(&td);
         drop(f);
         tokio::select! {
@@ -331,7 +310,7 @@ async fn watch_local(fed: Weak<Federation>, poll: Duration) {
 
 /// A control request to the gateway of `td` (HTTP/3 needs an absolute URI; the authority
 /// names the peer's trust domain).
-fn request(td: &TrustDomain, method: Method, path: &str, body: Bytes) -> Request<Bytes> {
+pub(crate) fn request(td: &TrustDomain, method: Method, path: &str, body: Bytes) -> Request<Bytes> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     if let Ok(uri) = format!("https://{td}{path}").parse() {

@@ -78,6 +78,10 @@ pub struct WitnessReport {
     pub pruned: usize,
     /// Each disagreement, in sequence order.
     pub problems: Vec<String>,
+    /// When the log ends before heads a peer witnessed: the highest witnessed sequence number
+    /// it lacks (the log was truncated or rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_before: Option<u64>,
 }
 
 impl WitnessReport {
@@ -88,19 +92,13 @@ impl WitnessReport {
 }
 
 /// Checks `log` against heads held by peers: every witnessed head (validly signed) must name
-/// the hash of the local record at its sequence.
+/// the hash of the local record at its sequence. Reads only the parts of the log the heads
+/// name.
 pub fn verify_against(log: &DecisionLog, heads: &[Checkpoint]) -> Result<WitnessReport, LogError> {
     let wanted: BTreeSet<u64> = heads.iter().map(|h| h.seq).collect();
-    let mut hashes = BTreeMap::new();
-    let mut first_seq = None;
-    log.for_each(|r| {
-        first_seq.get_or_insert(r.seq);
-        if wanted.contains(&r.seq) {
-            hashes.insert(r.seq, r.hash);
-        }
-        true
-    })?;
-    Ok(check_heads(&hashes, first_seq, log.head().0, heads))
+    let found = log.hashes_at(&wanted)?;
+    let first = (found.head_seq >= found.first_seq).then_some(found.first_seq);
+    Ok(check_heads(&found.hashes, first, found.head_seq, heads))
 }
 
 /// The comparison itself: `hashes` are the local records' hashes by sequence (at least those
@@ -112,6 +110,15 @@ pub fn check_heads(
     heads: &[Checkpoint],
 ) -> WitnessReport {
     let mut report = WitnessReport::default();
+    // A log that ends before heads a peer witnessed lost them: name the highest one.
+    let lacking = heads
+        .iter()
+        .filter(|h| h.seq > head_seq && h.signature_valid())
+        .map(|h| h.seq)
+        .max();
+    if let Some(highest) = lacking {
+        report.truncated_before = Some(highest);
+    }
     let mut heads: Vec<&Checkpoint> = heads.iter().collect();
     heads.sort_by_key(|h| h.seq);
     for h in heads {
@@ -134,7 +141,7 @@ pub fn check_heads(
                 h.seq, h.head_hash
             )),
             None if h.seq > head_seq => report.problems.push(format!(
-                "a peer witnessed record {}, but the log ends at {head_seq} (the log was truncated)",
+                "a peer witnessed record {}, but the log ends at {head_seq}: truncated or rolled back",
                 h.seq
             )),
             None if first_seq.is_none_or(|f| h.seq < f) => report.pruned += 1,

@@ -71,6 +71,21 @@ pub struct AuditSettings {
     pub sync_interval: Duration,
     /// A log segment is closed past this many MiB (retention removes whole segments).
     pub segment_mib: u64,
+    /// What to do when a peer holds heads of our log that disagree with it (it was rolled
+    /// back, truncated or rewritten): `"warn"` (the default: an error line and
+    /// `meshgate_audit_witness_mismatch{peer} 1`), or `"strict"`: also refuse to start.
+    pub witness_check: WitnessCheck,
+}
+
+/// What a disagreement between our log and a peer's witnessed heads does at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WitnessCheck {
+    /// Log it and set the metric.
+    #[default]
+    Warn,
+    /// Also refuse to start.
+    Strict,
 }
 
 impl Default for AuditSettings {
@@ -79,6 +94,7 @@ impl Default for AuditSettings {
             durability: meshgate_policy::Durability::Process,
             sync_interval: Duration::from_millis(10),
             segment_mib: 64,
+            witness_check: WitnessCheck::Warn,
         }
     }
 }

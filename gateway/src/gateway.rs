@@ -26,6 +26,8 @@ use crate::tunnel::Tunnel;
 use crate::upstream::{LocalService, LocalServices, UpstreamConfigError};
 use crate::{admin, inbound, source, tls};
 
+/// How long a closing gateway waits for its connection closes to reach its peers.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How often the gateway checks whether its SVID needs renewal and refreshes its own bundle.
 const IDENTITY_TICK: Duration = Duration::from_secs(5);
 
@@ -372,9 +374,15 @@ impl Gateway {
         self.tunnel.close_trust_domain(td);
     }
 
-    /// Graceful shutdown: stop accepting, let requests in flight finish (up to the drain
-    /// timeout), then close the tunnel so peers see an orderly close.
+    /// Graceful shutdown: [`Gateway::drain`], then [`Gateway::close`].
     pub async fn shutdown(self) {
+        self.drain().await;
+        self.close().await;
+    }
+
+    /// Stops accepting new requests and waits for those in flight (up to the drain timeout).
+    /// The tunnel stays open, so the last words to peers (a final checkpoint) can still go.
+    pub async fn drain(&self) {
         for task in &self.accept_tasks {
             task.abort();
         }
@@ -382,7 +390,14 @@ impl Gateway {
         while self.in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Closes every tunnel connection with an application close (peers drop the connection
+    /// at once instead of waiting for it to time out) and waits, briefly, for the close to
+    /// leave; then stops the background tasks.
+    pub async fn close(self) {
         self.tunnel.close();
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.tunnel.endpoint().wait_idle()).await;
         for task in &self.background {
             task.abort();
         }

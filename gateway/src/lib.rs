@@ -33,7 +33,7 @@ pub use caller::{CALLER_REF_HEADER, CALLER_TOKEN_HEADER, audience};
 pub use catalog::{Catalog, ControlHandler, PeerRoute, Route, StaticCatalog};
 pub use config::{
     AuditSettings, GatewayConfig, IdentitySettings, Limits, Listeners, PeerConfig, PolicyConfig,
-    RuntimeSettings, ServiceConfig, ServiceProtocol, parse_duration,
+    RuntimeSettings, ServiceConfig, ServiceProtocol, WitnessCheck, parse_duration,
 };
 pub use dest::{Destination, DestinationError, Resolver};
 pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts};

@@ -34,8 +34,8 @@ pub use facts::{FactsError, HIDDEN_HEADERS, RequestFacts};
 pub use load::{LINKS_FILE, LoadError, LoadStats, MESH_SCHEMA, PolicyVersion, SourceFile};
 pub use log::{
     Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, DecisionRecordInput,
-    Durability, Filter, GENESIS_HASH, LogError, LogOptions, MigrateReport, PruneReport, Receipt,
-    Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
+    Durability, Filter, GENESIS_HASH, HashesAt, LogError, LogOptions, MigrateReport, PruneReport,
+    Receipt, Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
 };
 pub use path::{MAX_PATH_LEN, PathError, normalize_path};
 pub use prove::{

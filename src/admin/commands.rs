@@ -162,7 +162,13 @@ pub struct VerifyView {
     pub first_seq: u64,
     pub head_seq: u64,
     pub head_hash: String,
+    /// The last record covered by a signed head whose signature checked.
+    #[serde(default)]
+    pub signed_seq: Option<u64>,
     pub problems: Vec<TamperView>,
+    /// What is worth knowing but is not tampering (records after the last signed head).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// One problem found by verification (the fields of [`Tamper`]).
@@ -186,6 +192,8 @@ impl From<VerifyReport> for VerifyView {
             first_seq: r.first_seq,
             head_seq: r.head_seq,
             head_hash: r.head_hash,
+            signed_seq: r.signed_seq,
+            notes: r.notes,
             problems: r
                 .problems
                 .into_iter()

@@ -445,6 +445,15 @@ fn verify(backend: &dyn AuditBackend, json: bool) -> CliResult<Outcome> {
             report.records, report.first_seq, report.head_seq, report.checkpoints, report.head_hash
         );
     }
+    if !json {
+        match report.signed_seq {
+            Some(seq) => println!("signed head: seq {seq}"),
+            None => println!("signed head: none (no record is covered by a signed checkpoint)"),
+        }
+        for note in &report.notes {
+            println!("note: {note}");
+        }
+    }
     Ok(if report.is_ok() {
         Outcome::Yes
     } else {

@@ -370,7 +370,12 @@ pub fn verify_witnesses(
             report.matched, report.pruned
         );
     } else {
-        println!("witnesses: tampering found:");
+        match report.truncated_before {
+            Some(seq) => println!(
+                "witnesses: the log was truncated or rolled back: it ends at record {head}, and peers witnessed up to record {seq}"
+            ),
+            None => println!("witnesses: tampering found:"),
+        }
         for p in &report.problems {
             println!("  {p}");
         }

@@ -114,7 +114,7 @@ impl prometheus_client::collector::Collector for FederationMetrics {
             return Ok(());
         };
         let links = federation.status(std::time::SystemTime::now());
-        let families: [Family; 4] = [
+        let families: [Family; 5] = [
             (
                 "federation_link_up",
                 "1 when the link to the peer is synced",
@@ -137,6 +137,11 @@ impl prometheus_client::collector::Collector for FederationMetrics {
                 "federation_peer_bundle_sequence",
                 "The peer bundle's spiffe_sequence held here",
                 |s| i64::try_from(s.bundle_sequence).unwrap_or(i64::MAX),
+            ),
+            (
+                "audit_witness_mismatch",
+                "1 when the heads this peer holds of our decision log disagree with it (rolled back, truncated or rewritten); 0 when they agree; -1 before the first check",
+                |s| s.witness_mismatch.map_or(-1, i64::from),
             ),
         ];
         for (name, help, value) in families {

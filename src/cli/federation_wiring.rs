@@ -116,3 +116,35 @@ pub async fn start(
         None => Ok(None),
     }
 }
+
+/// `[audit] witness_check = "strict"`: before serving, each peer that answers is asked for
+/// the heads it holds of our log; a disagreement refuses the start (a peer that cannot be
+/// reached is only logged: the periodic self-check will ask again).
+pub async fn check_witnesses(fed: &Arc<Federation>) -> CliResult<()> {
+    let peers: Vec<TrustDomain> = fed
+        .status(SystemTime::now())
+        .iter()
+        .filter_map(|s| s.trust_domain.parse().ok())
+        .collect();
+    for td in peers {
+        let checked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            fed.sync_now(&td).await?;
+            fed.check_witness(&td).await
+        })
+        .await;
+        match checked {
+            Ok(Ok(report)) if !report.is_ok() => {
+                return Err(crate::exit::CliError::internal(anyhow::anyhow!(
+                    "refusing to start (`audit.witness_check = \"strict\"`): the heads `{td}` witnessed of this log disagree with it: {}",
+                    report.problems.join("; ")
+                )));
+            }
+            Ok(Ok(_)) => tracing::info!(peer = %td, "witnessed heads agree with the decision log"),
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %td, error = %e, "witness check at start could not run")
+            }
+            Err(_) => tracing::warn!(peer = %td, "witness check at start timed out"),
+        }
+    }
+    Ok(())
+}

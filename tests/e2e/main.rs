@@ -19,3 +19,4 @@ mod protocols;
 mod relay;
 mod support;
 mod tunnel_attacks;
+mod witness_rollback;

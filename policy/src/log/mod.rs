@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use migrate::{MigrateReport, migrate_from_sled, sled_log_present};
-pub use query::{Filter, PruneReport};
+pub use query::{Filter, HashesAt, PruneReport};
 pub use record::{
     DecisionKind, DecisionRecord, DecisionRecordInput, GENESIS_HASH, new_decision_id,
 };

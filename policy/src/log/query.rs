@@ -1,6 +1,7 @@
 //! Reading the log: filtered queries, JSON-lines export, every checkpoint, and pruning of
 //! whole segments by age.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::SystemTime;
 
@@ -59,6 +60,17 @@ pub struct PruneReport {
     pub anchor: Option<Checkpoint>,
 }
 
+/// What [`DecisionLog::hashes_at`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashesAt {
+    /// The records asked for that the log holds, by sequence number.
+    pub hashes: BTreeMap<u64, String>,
+    /// The first retained sequence number.
+    pub first_seq: u64,
+    /// The last sequence number (0 for an empty log).
+    pub head_seq: u64,
+}
+
 /// One frame of the log, as the readers see it.
 pub(crate) enum Item {
     /// A record: its stored hash and body.
@@ -94,6 +106,60 @@ impl DecisionLog {
             }
             Item::Checkpoint(_) => Ok(true),
         })
+    }
+
+    /// The hashes of the records at `seqs` that the log holds, its first retained sequence
+    /// number and its last one, reading only the segments that can hold them (checking heads
+    /// peers witnessed needs a few records near the end, not the whole log).
+    pub fn hashes_at(&self, seqs: &BTreeSet<u64>) -> Result<HashesAt, LogError> {
+        let segments = segment::list(&self.dir).map_err(io_err(&self.dir))?;
+        let anchor = self.anchor()?;
+        let mut out = HashesAt {
+            hashes: BTreeMap::new(),
+            first_seq: anchor.as_ref().map_or(1, |a| a.seq + 1),
+            head_seq: anchor.as_ref().map_or(0, |a| a.seq),
+        };
+        if let Some(a) = &anchor
+            && seqs.contains(&a.seq)
+        {
+            out.hashes.insert(a.seq, a.head_hash.clone());
+        }
+        for (i, (first, path)) in segments.iter().enumerate() {
+            let next = segments.get(i + 1).map(|(n, _)| *n);
+            let last = next.is_none();
+            // Records `first..next` live here; the last segment is read for the head too.
+            let wanted = seqs
+                .range(*first..next.unwrap_or(u64::MAX))
+                .next()
+                .is_some();
+            if !wanted && !last {
+                continue;
+            }
+            let mut reader = match segment::Reader::open(path) {
+                Ok(r) => r,
+                Err(ReadStop::Torn { .. }) if last => break,
+                Err(e) => return Err(stop_error(path, e)),
+            };
+            loop {
+                let frame = match reader.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(ReadStop::Torn { .. }) if last => break,
+                    Err(e) => return Err(stop_error(path, e)),
+                };
+                if frame.kind != KIND_RECORD || frame.payload.len() <= 32 {
+                    continue;
+                }
+                let Some(seq) = super::body_seq(&frame.payload[32..]) else {
+                    continue;
+                };
+                out.head_seq = out.head_seq.max(seq);
+                if seqs.contains(&seq) {
+                    out.hashes.insert(seq, hex::encode(&frame.payload[..32]));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every signed head stored in the log, oldest first (the prune anchor, if any, first).

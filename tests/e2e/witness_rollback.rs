@@ -1,0 +1,273 @@
+//! Rolling a gateway's decision log back, tried as an operator with root on `west` would:
+//! stop it, keep a copy of its state, let it serve, stop it, put the copy back. `east`
+//! witnessed `west`'s signed heads within a second of each flush, so `audit verify
+//! --witnesses` names the log truncated or rolled back, the restarted `west` reports the
+//! mismatch on `/metrics`, and in strict mode refuses to start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::procs::{
+    BIN, Proc, READY_TIMEOUT, arg, free_tcp, free_udp, interrupt, meshgate, run, tool,
+    wait_admin_socket, wait_listening,
+};
+
+const WEB: &str = "spiffe://west.example/ns/shop/sa/web";
+const POLICY: &str = r#"@id("web-reads-orders")
+permit (
+  principal == Workload::"spiffe://west.example/ns/shop/sa/web",
+  action in Action::"read",
+  resource == Service::"orders.shop.west"
+);
+"#;
+
+struct Cluster {
+    name: &'static str,
+    dir: PathBuf,
+    workload: SocketAddr,
+    tunnel: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Cluster {
+    fn new(root: &Path, name: &'static str) -> Cluster {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("policies/orders.cedar"), POLICY).unwrap();
+        meshgate(&[
+            "identity",
+            "init",
+            "--state",
+            &arg(&dir.join("state")),
+            "--trust-domain",
+            &format!("{name}.example"),
+        ]);
+        let bundle = meshgate(&["identity", "bundle", "--state", &arg(&dir.join("state"))]);
+        std::fs::write(dir.join("bundle.json"), bundle.stdout).unwrap();
+        Cluster {
+            name,
+            dir,
+            workload: free_tcp(),
+            tunnel: free_udp(),
+            admin: free_tcp(),
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn write_config(&self, peer: &Cluster, upstream: SocketAddr, witness_check: &str) {
+        let text = format!(
+            r#"cluster = "{name}"
+trust_domain = "{name}.example"
+state_dir = "state"
+[listeners]
+workload = "{workload}"
+tunnel = "{tunnel}"
+admin = "{admin}"
+[policy]
+dir = "policies"
+[audit]
+witness_check = "{witness_check}"
+[[services]]
+name = "orders"
+namespace = "shop"
+endpoints = ["{upstream}"]
+[[peers]]
+cluster = "{peer}"
+trust_domain = "{peer}.example"
+gateways = ["{peer_tunnel}"]
+bundle = "../{peer}/bundle.json"
+"#,
+            name = self.name,
+            workload = self.workload,
+            tunnel = self.tunnel,
+            admin = self.admin,
+            peer = peer.name,
+            peer_tunnel = peer.tunnel,
+        );
+        std::fs::write(self.dir.join("gateway.toml"), text).unwrap();
+    }
+
+    fn spawn(&self) -> Proc {
+        Proc(
+            Command::new(BIN)
+                .args(["gateway", "--config", &arg(&self.dir.join("gateway.toml"))])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn start(&self) -> Proc {
+        let p = self.spawn();
+        wait_listening(self.admin);
+        wait_admin_socket(&self.state());
+        p
+    }
+
+    /// The `/metrics` text of the admin listener.
+    fn metrics(&self) -> String {
+        let out = tool("curl")
+            .args(["-sS", &format!("http://{}/metrics", self.admin)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// `web` calls `orders` on west's own workload listener: each call is a decision record.
+fn call_orders(west: &Cluster, web: &Path, n: usize) {
+    for _ in 0..n {
+        let out = tool("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--cacert", &arg(&web.join("bundle.pem"))])
+            .args(["--cert", &arg(&web.join("svid.pem"))])
+            .args(["--key", &arg(&web.join("key.pem"))])
+            .args(["-H", "host: orders.shop.west.mesh"])
+            .arg(format!(
+                "https://localhost:{}/v1/orders",
+                west.workload.port()
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    }
+}
+
+/// The highest seq of west's heads east holds (through east's admin socket while it runs).
+fn witnessed_by_east(east: &Cluster) -> (Option<u64>, String) {
+    let out = meshgate(&[
+        "federation",
+        "witnessed",
+        "--state",
+        &arg(&east.state()),
+        "--trust-domain",
+        "west.example",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let max = doc["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["seq"].as_u64())
+        .max();
+    (max, text)
+}
+
+/// The highest signed seq of west's own (stopped) log.
+fn signed_head(west: &Cluster) -> u64 {
+    let out = meshgate(&["audit", "verify", &arg(&west.state()), "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["signed_seq"].as_u64().unwrap()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .args(["-a", &arg(from), &arg(to)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_rolled_back_log_is_named_by_its_witnesses() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt.block_on(crate::support::echo_upstream());
+    let tmp = tempfile::tempdir().unwrap();
+    let west = Cluster::new(tmp.path(), "west");
+    let east = Cluster::new(tmp.path(), "east");
+    west.write_config(&east, upstream, "warn");
+    east.write_config(&west, upstream, "warn");
+    let web = tmp.path().join("web");
+    meshgate(&[
+        "identity",
+        "issue",
+        "--state",
+        &arg(&west.state()),
+        "--spiffe-id",
+        WEB,
+        "--out",
+        &arg(&web),
+    ]);
+
+    let mut east_gw = east.start();
+    let mut west_gw = west.start();
+    call_orders(&west, &web, 3);
+    assert!(interrupt(&mut west_gw.0).success());
+    // The head signed at the graceful stop was pushed before the process exited.
+    let stopped_at = signed_head(&west);
+    assert!(
+        witnessed_by_east(&east).0 >= Some(stopped_at),
+        "east holds {:?}, west stopped at {stopped_at}",
+        witnessed_by_east(&east)
+    );
+    let backup = tmp.path().join("west-backup");
+    copy_dir(&west.state(), &backup);
+
+    // West serves a while longer; each flush's signed head reaches east within a second.
+    let mut west_gw = west.start();
+    call_orders(&west, &web, 5);
+    wait_for("east to witness a head west signed while serving", || {
+        witnessed_by_east(&east).0 > Some(stopped_at)
+    });
+    assert!(interrupt(&mut west_gw.0).success());
+    let (lost_to, heads) = witnessed_by_east(&east);
+    let lost_to = lost_to.unwrap();
+    assert!(lost_to > stopped_at);
+
+    // The rollback: the old copy back in place.
+    std::fs::remove_dir_all(west.state()).unwrap();
+    std::fs::rename(&backup, west.state()).unwrap();
+    // The chain alone is intact: only the witnesses know what is missing.
+    let alone = run(&["audit", "verify", &arg(&west.state())]);
+    assert_eq!(alone.status.code(), Some(0));
+    let heads_file = tmp.path().join("heads.json");
+    std::fs::write(&heads_file, heads).unwrap();
+    let verify = run(&[
+        "audit",
+        "verify",
+        &arg(&west.state()),
+        "--witnesses",
+        &arg(&heads_file),
+    ]);
+    let out = String::from_utf8_lossy(&verify.stdout).into_owned()
+        + &String::from_utf8_lossy(&verify.stderr);
+    assert_eq!(verify.status.code(), Some(1), "{out}");
+    assert!(out.contains("truncated or rolled back"), "{out}");
+    assert!(out.contains(&format!("record {lost_to}")), "{out}");
+
+    // Restarted as is (warn): it serves, and its self-check reports the peer's disagreement.
+    let mut west_gw = west.start();
+    wait_for("the witness mismatch metric", || {
+        west.metrics()
+            .contains("meshgate_audit_witness_mismatch{peer=\"east\"} 1")
+    });
+    assert!(interrupt(&mut west_gw.0).success());
+
+    // Strict: refuses to start, saying why.
+    west.write_config(&east, upstream, "strict");
+    let out = Command::new(BIN)
+        .args(["gateway", "--config", &arg(&west.dir.join("gateway.toml"))])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refusing to start"), "{err}");
+    assert!(interrupt(&mut east_gw.0).success());
+}
