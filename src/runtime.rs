@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshgate_federation::{Federation, MeshDns};
-use meshgate_gateway::{BoundAddrs, Gateway, GatewayConfig, GatewayParts};
+use meshgate_gateway::{BoundAddrs, Gateway, GatewayConfig, GatewayParts, ResetSecret};
 use meshgate_identity::{BundleSet, Issuer, SpiffeId, SvidCertResolver};
 use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter, QuotaSpec};
 
@@ -16,6 +16,9 @@ use crate::cli::audit::checkpoint_signer;
 use crate::cli::federation_wiring::{self, FederatedCatalog, FederationMetrics};
 use crate::exit::{CliError, CliResult, ResultExt};
 use crate::state::State;
+
+/// The secret keying the tunnel's QUIC stateless resets, in the state's `keys/`.
+const QUIC_RESET_KEY_FILE: &str = "quic-reset.key";
 
 /// A cluster opened from its config, not yet serving (`meshgate gateway --check` stops here).
 pub struct Prepared {
@@ -128,6 +131,9 @@ impl Prepared {
             },
         );
         crate::cli::federation::register_admin(&mut registry, &federation);
+        let quic_reset_secret = _state
+            .secret(QUIC_RESET_KEY_FILE)
+            .map_err(CliError::internal)?;
         let gateway = Gateway::start(GatewayParts {
             config: config.clone(),
             issuer: issuer.clone(),
@@ -138,6 +144,7 @@ impl Prepared {
             catalog: Arc::new(FederatedCatalog(federation.clone())),
             control: Some(Arc::new(FederatedCatalog(federation.clone()))),
             collectors: vec![Box::new(FederationMetrics::new(&federation))],
+            quic_reset_secret: Some(ResetSecret(quic_reset_secret)),
         })
         .await
         .map_err(|e| CliError::internal(anyhow::anyhow!(e)))?;

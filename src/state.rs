@@ -12,7 +12,8 @@
 //! the `sled::Db` to the crates, which open their own trees in it.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -98,13 +99,104 @@ impl State {
         self.root.join("keys")
     }
 
+    /// The 32-byte secret in `keys/NAME` (mode 0600), created from the OS's random source
+    /// on first use. A file readable by others, or of another length, is refused.
+    pub fn secret(&self, name: &str) -> anyhow::Result<[u8; 32]> {
+        let path = self.keys_dir().join(name);
+        match fs::metadata(&path) {
+            Ok(meta) => {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    bail!(
+                        "`{}` is readable by others (mode {:o}); run `chmod 600` on it",
+                        path.display(),
+                        meta.permissions().mode() & 0o777
+                    );
+                }
+                let bytes =
+                    fs::read(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
+                <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                    anyhow::anyhow!(
+                        "`{}` holds {} bytes, a secret is 32; remove it to have a new one made",
+                        path.display(),
+                        bytes.len()
+                    )
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: [u8; 32] = rand::random();
+                write_private(&path, &secret)?;
+                Ok(secret)
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot read `{}`", path.display())),
+        }
+    }
+
     /// The decision log's directory (segment files, pinned key, anchor).
     pub fn audit_dir(&self) -> PathBuf {
-        self.root.join("audit")
+        Self::audit_dir_in(&self.root)
+    }
+
+    /// The decision log's directory of the state at `root`, which need not be opened: the
+    /// log's files are readable while a gateway holds the database.
+    pub fn audit_dir_in(root: &Path) -> PathBuf {
+        root.join("audit")
     }
 
     /// The admin socket of a running gateway.
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")
+    }
+}
+
+/// Writes a private file atomically: a 0600 temp file beside it, fsync, rename, fsync dir.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("`{}` has no parent directory", path.display()))?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "key".into(), |n| n.to_string_lossy());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create `{}`", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write `{}`", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move the key into `{}`", path.display()))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync `{}`", dir.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_is_made_once_private_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = State::create(&tmp.path().join("state")).unwrap();
+        let first = state.secret("s.key").unwrap();
+        assert_eq!(state.secret("s.key").unwrap(), first);
+        let path = state.keys_dir().join("s.key");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_ne!(state.secret("other.key").unwrap(), first);
+
+        fs::write(&path, b"short").unwrap();
+        let err = state.secret("s.key").unwrap_err().to_string();
+        assert!(err.contains("holds 5 bytes"), "{err}");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = state.secret("s.key").unwrap_err().to_string();
+        assert!(err.contains("readable by others"), "{err}");
     }
 }

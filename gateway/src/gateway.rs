@@ -22,7 +22,7 @@ use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::source::Source;
 use crate::svid::{SvidError, SvidStore};
-use crate::tunnel::Tunnel;
+use crate::tunnel::{ResetSecret, Tunnel};
 use crate::upstream::{LocalService, LocalServices, UpstreamConfigError};
 use crate::{admin, inbound, source, tls};
 
@@ -80,6 +80,9 @@ pub struct GatewayParts {
     pub control: Option<Arc<dyn ControlHandler>>,
     /// More metrics for `/metrics`, collected at each scrape (e.g. federation link state).
     pub collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    /// The secret keying QUIC stateless resets, the same across restarts (from the state's
+    /// `keys/`), so peers learn at once that this gateway restarted. `None`: a random key.
+    pub quic_reset_secret: Option<ResetSecret>,
 }
 
 /// Requests in flight, counted so graceful shutdown can wait for them.
@@ -148,6 +151,7 @@ impl Gateway {
             catalog,
             control,
             collectors,
+            quic_reset_secret,
         } = parts;
         let td = issuer.trust_domain().clone();
         if config.trust_domain != td.as_str() {
@@ -212,8 +216,11 @@ impl Gateway {
                 tls::tunnel_client(peer, client_bundles.clone(), client_svid.clone())
                     .map_err(|e| e.to_string())
             }),
-            config.limits.max_concurrent_streams,
-            config.limits.peer_dead_after,
+            quic_reset_secret.as_ref(),
+            (
+                config.limits.max_concurrent_streams,
+                config.limits.peer_dead_after,
+            ),
             metrics.clone(),
         )
         .map_err(|source| GatewayError::Bind {

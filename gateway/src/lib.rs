@@ -39,5 +39,5 @@ pub use dest::{Destination, DestinationError, Resolver};
 pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts};
 pub use headers::{CALLER_HEADER, DECISION_ID_HEADER};
 pub use metrics::Metrics;
-pub use tunnel::{ControlClient, TunnelError};
+pub use tunnel::{ControlClient, ResetSecret, TunnelError};
 pub use upstream::{UpstreamConfigError, UpstreamError};

@@ -21,8 +21,49 @@ use crate::metrics::Metrics;
 const PLACEHOLDER_SERVER_NAME: &str = "gateway.meshgate.invalid";
 /// Time allowed for a QUIC + TLS handshake with a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a failed dial, calls to that address fail at once for this long.
-const DIAL_BACKOFF: Duration = Duration::from_secs(2);
+/// After a failed dial, calls to that peer fail at once (and fail over) for a while: this
+/// long after the first failure, doubling with each further one up to [`DIAL_BACKOFF_MAX`].
+/// Short, so a peer back from a restart is dialed again within a fraction of a second.
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between dials of a peer that keeps failing.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Failed dials of one peer: when the last one failed and how many failed in a row.
+#[derive(Debug, Clone, Copy)]
+struct DialFailures {
+    last: std::time::Instant,
+    in_a_row: u32,
+}
+
+impl DialFailures {
+    /// How long after the last failure calls fail at once.
+    fn backoff(&self) -> Duration {
+        let doublings = self.in_a_row.saturating_sub(1).min(16);
+        DIAL_BACKOFF_MIN
+            .saturating_mul(1 << doublings)
+            .min(DIAL_BACKOFF_MAX)
+    }
+}
+
+/// The secret keying a gateway's QUIC stateless resets (see [`Tunnel::bind`]). Its `Debug`
+/// does not show it.
+#[derive(Clone)]
+pub struct ResetSecret(pub [u8; 32]);
+
+impl ResetSecret {
+    /// An HMAC-SHA256 key for one use of the secret, named by `label`.
+    fn derive_key(&self, label: &[u8]) -> aws_lc_rs::hmac::Key {
+        let root = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0);
+        let derived = aws_lc_rs::hmac::sign(&root, label);
+        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, derived.as_ref())
+    }
+}
+
+impl std::fmt::Debug for ResetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetSecret(..)")
+    }
+}
 
 /// h3 request sender over one peer connection.
 pub(crate) type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -110,7 +151,7 @@ pub struct Tunnel {
     /// When a dial to a peer last failed: calls fail fast (and fail over) instead of each
     /// waiting out a handshake timeout against a dead peer. Keyed by the peer (address and
     /// trust domain), so a peer advertising another's address cannot black-hole it.
-    unreachable: Mutex<HashMap<(SocketAddr, TrustDomain), std::time::Instant>>,
+    unreachable: Mutex<HashMap<(SocketAddr, TrustDomain), DialFailures>>,
     /// Every open connection, dialed or accepted, with the peer's trust domain.
     open: Arc<Mutex<OpenConnections>>,
     metrics: Arc<Metrics>,
@@ -127,19 +168,45 @@ impl std::fmt::Debug for Tunnel {
 impl Tunnel {
     /// Binds the QUIC endpoint at `addr` with the server-side TLS config (peer gateways must
     /// present a gateway SVID) and the factory for dialing peers.
+    ///
+    /// `reset_secret` keys the stateless resets: with the same secret across restarts, a
+    /// restarted gateway answers packets of its previous instance's connections with a reset
+    /// the peer can authenticate, so the peer drops the stale connection at once instead of
+    /// waiting out the idle timeout. `None` draws a random key (resets then only reach
+    /// peers of this instance).
     pub(crate) fn bind(
         addr: SocketAddr,
         server_tls: rustls::ServerConfig,
         client_tls: ClientTlsFactory,
-        max_streams: u32,
-        dead_after: Duration,
+        reset_secret: Option<&ResetSecret>,
+        limits: (u32, Duration),
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        let (max_streams, dead_after) = limits;
         let crypto = QuicServerConfig::try_from(server_tls)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport(max_streams, dead_after));
-        let endpoint = quinn::Endpoint::server(server, addr)?;
+        let mut config = quinn::EndpointConfig::default();
+        if let Some(secret) = reset_secret {
+            config.reset_key(Arc::new(
+                secret.derive_key(b"meshgate quic stateless reset"),
+            ));
+            // A reset is only sent for a packet whose connection ID this endpoint could have
+            // issued (quinn checks a keyed hash in it), so the ID key persists too.
+            let tag =
+                aws_lc_rs::hmac::sign(&secret.derive_key(b"meshgate quic connection id"), b"");
+            let mut cid_key = [0u8; 8];
+            cid_key.copy_from_slice(&tag.as_ref()[..8]);
+            let cid_key = u64::from_le_bytes(cid_key);
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+        }
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let endpoint = quinn::Endpoint::new(config, Some(server), socket, runtime)?;
         Ok(Self {
             endpoint,
             client_tls,
@@ -168,8 +235,8 @@ impl Tunnel {
 
     /// The live connection to the gateway at `addr` of trust domain `td`, dialed if there is
     /// none. Requests on a live connection take no lock across an await; only dials wait for
-    /// each other. A peer that could not be dialed within the last two seconds fails at once
-    /// (unless `probe`, for control traffic, which always dials and clears the mark).
+    /// each other. A peer whose dials just failed fails at once for a short, growing back-off
+    /// (unless `probe`, for control traffic, which always dials).
     pub(crate) async fn link(
         &self,
         addr: SocketAddr,
@@ -199,7 +266,12 @@ impl Tunnel {
             }
             Err(e) => {
                 if !probe && let Ok(mut u) = self.unreachable.lock() {
-                    u.insert((addr, td.clone()), std::time::Instant::now());
+                    let failures = u.entry((addr, td.clone())).or_insert(DialFailures {
+                        last: std::time::Instant::now(),
+                        in_a_row: 0,
+                    });
+                    failures.last = std::time::Instant::now();
+                    failures.in_a_row = failures.in_a_row.saturating_add(1);
                 }
                 Err(e)
             }
@@ -217,19 +289,22 @@ impl Tunnel {
     }
 
     fn check_reachable(&self, addr: SocketAddr, td: &TrustDomain) -> Result<(), TunnelError> {
-        let recent = self
+        let failures = self
             .unreachable
             .lock()
             .ok()
-            .and_then(|u| u.get(&(addr, td.clone())).copied())
-            .is_some_and(|t| t.elapsed() < DIAL_BACKOFF);
-        if recent {
-            return Err(TunnelError::Connect {
+            .and_then(|u| u.get(&(addr, td.clone())).copied());
+        match failures {
+            Some(f) if f.last.elapsed() < f.backoff() => Err(TunnelError::Connect {
                 addr,
-                reason: format!("unreachable within the last {DIAL_BACKOFF:?}"),
-            });
+                reason: format!(
+                    "unreachable: {} dial(s) failed in a row, the last {:?} ago",
+                    f.in_a_row,
+                    f.last.elapsed()
+                ),
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     async fn dial(&self, addr: SocketAddr, td: &TrustDomain) -> Result<PeerLink, TunnelError> {
@@ -468,5 +543,39 @@ impl ControlClient {
     /// Closes every connection with `td`'s gateways (a removed link).
     pub fn disconnect(&self, td: &TrustDomain) {
         self.tunnel.close_trust_domain(td);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_backoff_starts_short_and_doubles_to_a_cap() {
+        let after = |in_a_row| {
+            DialFailures {
+                last: std::time::Instant::now(),
+                in_a_row,
+            }
+            .backoff()
+        };
+        assert_eq!(after(1), DIAL_BACKOFF_MIN);
+        assert_eq!(after(2), DIAL_BACKOFF_MIN * 2);
+        assert_eq!(after(4), DIAL_BACKOFF_MIN * 8);
+        assert_eq!(after(6), DIAL_BACKOFF_MAX);
+        assert_eq!(after(u32::MAX), DIAL_BACKOFF_MAX);
+    }
+
+    #[test]
+    fn derived_keys_depend_on_secret_and_label() {
+        let tag = |secret: [u8; 32], label: &[u8]| {
+            aws_lc_rs::hmac::sign(&ResetSecret(secret).derive_key(label), b"x")
+                .as_ref()
+                .to_vec()
+        };
+        assert_eq!(tag([1; 32], b"a"), tag([1; 32], b"a"));
+        assert_ne!(tag([1; 32], b"a"), tag([2; 32], b"a"));
+        assert_ne!(tag([1; 32], b"a"), tag([1; 32], b"b"));
+        assert_eq!(format!("{:?}", ResetSecret([7; 32])), "ResetSecret(..)");
     }
 }

@@ -98,6 +98,92 @@ impl From<JoinToken> for TokenView {
     }
 }
 
+/// `identity issue`: an X.509-SVID and its key, issued by the gateway's issuer. The reply
+/// carries the private key; the admin socket serves only its owner (mode 0600, `SO_PEERCRED`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityIssue {
+    pub spiffe_id: String,
+    pub ttl_secs: u64,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl AdminCommand for IdentityIssue {
+    const NAME: &'static str = "identity.issue";
+    type Reply = IssuedSvid;
+    fn describe(&self) -> String {
+        format!("identity issue `{}`", self.spiffe_id)
+    }
+}
+
+/// An issued X.509-SVID as PEM: the chain (leaf first), its key, the trust bundle's roots.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct IssuedSvid {
+    pub spiffe_id: String,
+    pub expires_at: u64,
+    pub svid_pem: String,
+    pub key_pem: String,
+    pub bundle_pem: String,
+}
+
+impl std::fmt::Debug for IssuedSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("expires_at", &self.expires_at)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// `identity bundle`: the trust domain's bundle as the issuer holds it now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityBundle {}
+
+impl AdminCommand for IdentityBundle {
+    const NAME: &'static str = "identity.bundle";
+    type Reply = BundleView;
+}
+
+/// A trust bundle in both of the CLI's formats.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleView {
+    /// The SPIFFE bundle (JWKS) document.
+    pub spiffe_json: String,
+    /// The X.509 roots as PEM.
+    pub pem: String,
+}
+
+/// `identity rotate prepare|activate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityRotate {
+    /// `false`: prepare a new root; `true`: activate the prepared one.
+    pub activate: bool,
+}
+
+impl AdminCommand for IdentityRotate {
+    const NAME: &'static str = "identity.rotate";
+    type Reply = RotateView;
+    fn describe(&self) -> String {
+        format!(
+            "identity rotate {}",
+            if self.activate { "activate" } else { "prepare" }
+        )
+    }
+}
+
+/// The root generation a rotation step prepared or activated, and the bundle's sequence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotateView {
+    pub generation: u32,
+    pub sequence: u64,
+}
+
 /// `audit query`: matching records stream as items; the reply is how many.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

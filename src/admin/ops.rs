@@ -8,8 +8,9 @@ use meshgate_identity::{Issuer, IssuerError, RegistrationEntry, SpiffeId};
 use meshgate_policy::{DecisionLog, DecisionRecord, Filter, LoadError, LogError, PolicyEngine};
 
 use super::commands::{
-    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditQuery, AuditVerify, EntryCreate,
-    EntryDelete, EntryList, PolicyReload, ReloadReply, TokenCreate, TokenView, VerifyView,
+    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditQuery, AuditVerify, BundleView,
+    EntryCreate, EntryDelete, EntryList, IdentityBundle, IdentityIssue, IdentityRotate, IssuedSvid,
+    PolicyReload, ReloadReply, RotateView, TokenCreate, TokenView, VerifyView,
 };
 use super::protocol::AdminError;
 use super::server::Registry;
@@ -32,6 +33,12 @@ pub fn builtin(registry: &mut Registry, ctx: &AdminContext) {
     registry.add(move |cmd: EntryDelete, _| cmd.run(&c.issuer));
     let c = ctx.clone();
     registry.add(move |cmd: TokenCreate, _| cmd.run(&c.issuer, SystemTime::now()));
+    let c = ctx.clone();
+    registry.add(move |cmd: IdentityIssue, _| cmd.run(&c.issuer, SystemTime::now()));
+    let c = ctx.clone();
+    registry.add(move |_: IdentityBundle, _| bundle(&c.issuer, SystemTime::now()));
+    let c = ctx.clone();
+    registry.add(move |cmd: IdentityRotate, _| cmd.run(&c.issuer, SystemTime::now()));
     let c = ctx.clone();
     registry.add(move |cmd: AuditQuery, items| {
         let filter = Filter::from(cmd);
@@ -82,6 +89,57 @@ impl TokenCreate {
             .create_join_token(&id, Duration::from_secs(self.ttl_secs), now)
             .map(TokenView::from)
             .map_err(issuer_err)
+    }
+}
+
+impl IdentityIssue {
+    pub fn run(&self, issuer: &Issuer, now: SystemTime) -> Result<IssuedSvid, AdminError> {
+        let id = parse_id(&self.spiffe_id)?;
+        let svid = issuer
+            .issue_x509_svid(
+                &id,
+                Duration::from_secs(self.ttl_secs),
+                &self.dns_names,
+                &self.ips,
+                now,
+            )
+            .map_err(issuer_err)?;
+        let key_pem = svid
+            .private_key_pem()
+            .ok_or_else(|| AdminError::internal("the issued SVID carries no key"))?;
+        Ok(IssuedSvid {
+            spiffe_id: id.to_string(),
+            expires_at: svid
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            svid_pem: svid.cert_chain_pem(),
+            key_pem,
+            bundle_pem: issuer.bundle().to_pem(),
+        })
+    }
+}
+
+pub fn bundle(issuer: &Issuer, now: SystemTime) -> Result<BundleView, AdminError> {
+    let bundle = issuer.bundle_at(now).map_err(issuer_err)?;
+    Ok(BundleView {
+        spiffe_json: bundle.to_spiffe_json(),
+        pem: bundle.to_pem(),
+    })
+}
+
+impl IdentityRotate {
+    pub fn run(&self, issuer: &Issuer, now: SystemTime) -> Result<RotateView, AdminError> {
+        let status = if self.activate {
+            issuer.rotate_activate(now)
+        } else {
+            issuer.rotate_prepare(now)
+        }
+        .map_err(issuer_err)?;
+        Ok(RotateView {
+            generation: status.generation,
+            sequence: status.sequence,
+        })
     }
 }
 

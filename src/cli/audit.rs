@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -374,11 +374,17 @@ fn open_appender(state: &State) -> CliResult<DecisionLog> {
     })
 }
 
-/// Opens the state directory and its decision log to read; unreadable state is exit 3.
-pub fn open_log(state: &Path) -> CliResult<(State, DecisionLog)> {
+/// Opens a state's decision log to read; unreadable state is exit 3. While a gateway runs
+/// on the state it holds the database, but the log's segment files are readable beside it
+/// (and a gateway runs only on a log of the current format).
+pub fn open_log(state: &Path) -> CliResult<DecisionLog> {
+    if AdminClient::live(state)?.is_some() {
+        let dir = State::audit_dir_in(state);
+        return DecisionLog::open_read_only(&dir, None)
+            .internal_ctx(|| format!("cannot open the decision log in `{}`", dir.display()));
+    }
     let state = State::open(state).internal_err()?;
-    let log = open_reader(&state, None)?;
-    Ok((state, log))
+    open_reader(&state, None)
 }
 
 /// Parses an optional RFC 3339 time flag (malformed → exit 2).
@@ -481,39 +487,11 @@ pub fn checkpoint_signer(state: &State) -> anyhow::Result<CheckpointSigner> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let (signer, der) = CheckpointSigner::generate()?;
-            write_private(&path, CheckpointSigner::pkcs8_pem(&der).as_bytes())?;
+            crate::state::write_private(&path, CheckpointSigner::pkcs8_pem(&der).as_bytes())?;
             Ok(signer)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read `{}`", path.display())),
     }
-}
-
-/// Writes a private file atomically: a 0600 temp file beside it, fsync, rename, fsync dir.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| anyhow!("`{}` has no parent directory", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        CHECKPOINT_KEY_FILE,
-        std::process::id()
-    ));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create `{}`", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write `{}`", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move the key into `{}`", path.display()))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync `{}`", dir.display()))?;
-    Ok(())
 }
 
 /// Who runs the command, for admin events: `$USER`, else the numeric uid.

@@ -3,9 +3,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use meshgate_identity::agent::{Agent, AgentConfig, AgentError};
 use meshgate_identity::{
@@ -14,7 +13,10 @@ use meshgate_identity::{
 };
 use serde_json::json;
 
-use crate::admin::commands::{EntryCreate, EntryDelete, EntryList, TokenCreate, TokenView};
+use crate::admin::commands::{
+    BundleView, EntryCreate, EntryDelete, EntryList, IdentityBundle, IdentityIssue, IdentityRotate,
+    IssuedSvid, RotateView, TokenCreate, TokenView,
+};
 use crate::admin::{AdminClient, ops};
 use crate::cli::{block_on, print_json};
 use crate::exit::{CliError, CliResult, Outcome, ResultExt};
@@ -234,33 +236,22 @@ impl IdentityCommand {
                 ips,
                 json,
             } => {
-                let id = parse_id(&spiffe_id)?;
-                let (st, issuer) = open(&state)?;
-                crate::cli::audit::record_admin(&st, &format!("identity issue `{id}`"))?;
-                let svid = issuer
-                    .issue_x509_svid(&id, ttl, &dns_names, &ips, now)
-                    .map_err(issuer_err)?;
-                let key = svid
-                    .private_key_pem()
-                    .context("the issued SVID carries no key")
-                    .internal_err()?;
+                parse_id(&spiffe_id)?;
+                let svid = backend(&state)?.issue(&IdentityIssue {
+                    spiffe_id,
+                    ttl_secs: ttl.as_secs(),
+                    dns_names,
+                    ips,
+                })?;
                 std::fs::create_dir_all(&out)
                     .internal_ctx(|| format!("cannot create `{}`", out.display()))?;
-                write(&out.join("key.pem"), key.as_bytes(), 0o600)?;
-                write(
-                    &out.join("svid.pem"),
-                    svid.cert_chain_pem().as_bytes(),
-                    0o644,
-                )?;
-                write(
-                    &out.join("bundle.pem"),
-                    issuer.bundle().to_pem().as_bytes(),
-                    0o644,
-                )?;
-                let expires = unix(svid.not_after());
+                write(&out.join("key.pem"), svid.key_pem.as_bytes(), 0o600)?;
+                write(&out.join("svid.pem"), svid.svid_pem.as_bytes(), 0o644)?;
+                write(&out.join("bundle.pem"), svid.bundle_pem.as_bytes(), 0o644)?;
+                let (id, expires) = (&svid.spiffe_id, svid.expires_at);
                 if json {
                     print_json(&json!({
-                        "spiffe_id": id.as_str(), "expires_at": expires,
+                        "spiffe_id": id, "expires_at": expires,
                         "svid": out.join("svid.pem"), "key": out.join("key.pem"), "bundle": out.join("bundle.pem"),
                     }))?;
                 } else {
@@ -271,28 +262,22 @@ impl IdentityCommand {
                 }
             }
             Self::Bundle { state, format } => {
-                let (_st, issuer) = open(&state)?;
-                let bundle = issuer.bundle_at(now).map_err(issuer_err)?;
+                let bundle = backend(&state)?.bundle()?;
                 match format {
-                    BundleFormat::Spiffe => println!("{}", bundle.to_spiffe_json()),
-                    BundleFormat::Pem => print!("{}", bundle.to_pem()),
+                    BundleFormat::Spiffe => println!("{}", bundle.spiffe_json),
+                    BundleFormat::Pem => print!("{}", bundle.pem),
                 }
             }
             Self::Rotate(cmd) => {
-                let (state, step) = match &cmd {
-                    RotateCommand::Prepare { state } => (state, "prepared"),
-                    RotateCommand::Activate { state } => (state, "activated"),
+                let (state, cmd, step) = match cmd {
+                    RotateCommand::Prepare { state } => {
+                        (state, IdentityRotate { activate: false }, "prepared")
+                    }
+                    RotateCommand::Activate { state } => {
+                        (state, IdentityRotate { activate: true }, "activated")
+                    }
                 };
-                let (st, issuer) = open(state)?;
-                crate::cli::audit::record_admin(
-                    &st,
-                    &format!("identity rotate {}", &step[..step.len() - 1]),
-                )?;
-                let status = match cmd {
-                    RotateCommand::Prepare { .. } => issuer.rotate_prepare(now),
-                    RotateCommand::Activate { .. } => issuer.rotate_activate(now),
-                }
-                .map_err(issuer_err)?;
+                let status = backend(&state)?.rotate(&cmd)?;
                 println!(
                     "root generation {} {step}; bundle sequence {}",
                     status.generation, status.sequence
@@ -367,13 +352,16 @@ impl EntryCommand {
     }
 }
 
-/// What the entry and token commands need from an issuer: the running gateway's (over the
+/// What the entry, token, issue, bundle and rotate commands need from an issuer: the running gateway's (over the
 /// admin socket) or the state's, opened directly. Both run the same logic (`admin::ops`).
 trait IdentityBackend {
     fn create_entry(&self, cmd: &EntryCreate) -> CliResult<RegistrationEntry>;
     fn list_entries(&self) -> CliResult<Vec<RegistrationEntry>>;
     fn delete_entry(&self, cmd: &EntryDelete) -> CliResult<RegistrationEntry>;
     fn create_token(&self, cmd: &TokenCreate) -> CliResult<TokenView>;
+    fn issue(&self, cmd: &IdentityIssue) -> CliResult<IssuedSvid>;
+    fn bundle(&self) -> CliResult<BundleView>;
+    fn rotate(&self, cmd: &IdentityRotate) -> CliResult<RotateView>;
 }
 
 /// The state opened directly (no gateway running).
@@ -404,6 +392,17 @@ impl IdentityBackend for LocalIssuer {
         self.record(cmd)?;
         Ok(cmd.run(&self.issuer, SystemTime::now())?)
     }
+    fn issue(&self, cmd: &IdentityIssue) -> CliResult<IssuedSvid> {
+        self.record(cmd)?;
+        Ok(cmd.run(&self.issuer, SystemTime::now())?)
+    }
+    fn bundle(&self) -> CliResult<BundleView> {
+        Ok(ops::bundle(&self.issuer, SystemTime::now())?)
+    }
+    fn rotate(&self, cmd: &IdentityRotate) -> CliResult<RotateView> {
+        self.record(cmd)?;
+        Ok(cmd.run(&self.issuer, SystemTime::now())?)
+    }
 }
 
 impl IdentityBackend for AdminClient {
@@ -417,6 +416,15 @@ impl IdentityBackend for AdminClient {
         self.call(cmd)
     }
     fn create_token(&self, cmd: &TokenCreate) -> CliResult<TokenView> {
+        self.call(cmd)
+    }
+    fn issue(&self, cmd: &IdentityIssue) -> CliResult<IssuedSvid> {
+        self.call(cmd)
+    }
+    fn bundle(&self) -> CliResult<BundleView> {
+        self.call(&IdentityBundle {})
+    }
+    fn rotate(&self, cmd: &IdentityRotate) -> CliResult<RotateView> {
         self.call(cmd)
     }
 }
@@ -456,12 +464,6 @@ fn open(state: &StateArg) -> CliResult<(State, Issuer)> {
 
 fn write(path: &Path, bytes: &[u8], mode: u32) -> CliResult<()> {
     write_atomic(path, bytes, mode).internal_ctx(|| format!("cannot write `{}`", path.display()))
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 async fn shutdown_signal() {

@@ -386,7 +386,7 @@ fn replay(
         until: time_or_ago(window.until, now)?,
         ..Filter::default()
     };
-    let (_state, log) = open_log(state)?;
+    let log = open_log(state)?;
     let (mut flips, mut sum) = meshgate_policy::replay(&log, &engine, &filter).internal_err()?;
     match only {
         Some(FlipKind::AllowToDeny) => {

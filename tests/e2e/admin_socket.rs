@@ -1,5 +1,6 @@
-//! The admin socket with a real `meshgate gateway` process: while it runs, the CLI's
-//! state commands (identity entries and tokens, audit, policy reload) go through
+//! The admin socket with a real `meshgate gateway` process: while it runs, every CLI command
+//! that reads or changes the state (identity entries, tokens, issue, bundle, rotate; audit;
+//! policy reload and replay; federation links) works, the state commands going through
 //! `STATE/admin.sock` and are recorded as admin events; after a clean stop they open the
 //! state directly again.
 
@@ -9,12 +10,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::procs::{
-    BIN, Proc, arg, free_tcp, free_udp, interrupt, meshgate, run, wait_admin_socket, wait_listening,
+    BIN, Proc, arg, free_tcp, free_udp, interrupt, meshgate, run, tool, wait_admin_socket,
+    wait_listening,
 };
 use crate::support::echo_upstream;
 
 const WEB: &str = "spiffe://west.example/ns/shop/sa/web";
 const API: &str = "spiffe://west.example/ns/shop/sa/api";
+const BATCH: &str = "spiffe://west.example/ns/shop/sa/batch";
 
 const V1: &str = r#"@id("web-reads-orders")
 permit (
@@ -243,6 +246,152 @@ async fn cli_state_commands_go_through_the_running_gateway() {
         "{lines} lines, {} records",
         records.len()
     );
+
+    // Every other command that reads or changes the state works while the gateway runs.
+    // `identity issue`: the files, the key private, the SVID naming the ID.
+    let api_dir = dir.join("api");
+    let issued = meshgate(&[
+        "identity",
+        "issue",
+        "--state",
+        &st,
+        "--spiffe-id",
+        API,
+        "--out",
+        &arg(&api_dir),
+        "--json",
+    ]);
+    let issued: serde_json::Value = serde_json::from_slice(&issued.stdout).unwrap();
+    assert_eq!(issued["spiffe_id"], API, "{issued}");
+    let key_mode = std::fs::metadata(api_dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let san = tool("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(api_dir.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&san.stdout).contains(API),
+        "{san:?}"
+    );
+    // `identity bundle` in both formats, then `identity rotate prepare` adds a root to it.
+    let roots = |st: &str| {
+        let bundle = meshgate(&["identity", "bundle", "--state", st]);
+        let bundle: serde_json::Value = serde_json::from_slice(&bundle.stdout).unwrap();
+        bundle["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["use"] == "x509-svid")
+            .count()
+    };
+    assert_eq!(roots(&st), 1);
+    let pem = meshgate(&["identity", "bundle", "--state", &st, "--format", "pem"]);
+    assert!(text(&pem).0.starts_with("-----BEGIN CERTIFICATE-----"));
+    let prepared = meshgate(&["identity", "rotate", "prepare", "--state", &st]);
+    assert!(
+        text(&prepared).0.contains("prepared; bundle sequence"),
+        "{:?}",
+        text(&prepared)
+    );
+    assert_eq!(roots(&st), 2);
+    // `identity entry delete`.
+    for verb in ["create", "delete"] {
+        meshgate(&[
+            "identity",
+            "entry",
+            verb,
+            "--state",
+            &st,
+            "--spiffe-id",
+            BATCH,
+        ]);
+    }
+    let list = meshgate(&["identity", "entry", "list", "--state", &st]);
+    assert!(!text(&list).0.contains(BATCH), "{:?}", text(&list));
+    // `audit checkpoint` and `audit checkpoints`.
+    let signed = meshgate(&["audit", "checkpoint", &st]);
+    assert!(!text(&signed).0.is_empty());
+    let heads = meshgate(&["audit", "checkpoints", &st]);
+    let heads: Vec<serde_json::Value> = serde_json::from_slice(&heads.stdout).unwrap();
+    assert!(!heads.is_empty());
+    // `policy replay` reads the log beside the running gateway: V1 flips the /v1 deny.
+    let v1 = dir.join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(v1.join("orders.cedar"), V1).unwrap();
+    let replay = run(&["policy", "replay", "--log", &st, "--policies", &arg(&v1)]);
+    assert_eq!(replay.status.code(), Some(1), "{:?}", text(&replay));
+    assert!(text(&replay).0.contains("deny"), "{:?}", text(&replay));
+    // `federation add|status|witnessed|remove`.
+    let east = dir.join("east");
+    meshgate(&[
+        "identity",
+        "init",
+        "--state",
+        &arg(&east),
+        "--trust-domain",
+        "east.example",
+    ]);
+    let east_bundle = meshgate(&["identity", "bundle", "--state", &arg(&east)]);
+    std::fs::write(dir.join("east.json"), &east_bundle.stdout).unwrap();
+    meshgate(&[
+        "federation",
+        "add",
+        "--state",
+        &st,
+        "--cluster",
+        "east",
+        "--trust-domain",
+        "east.example",
+        "--gateway",
+        &free_udp().to_string(),
+        "--bundle",
+        &arg(&dir.join("east.json")),
+    ]);
+    let status = meshgate(&["federation", "status", "--state", &st, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["cluster"] == "east"),
+        "{status}"
+    );
+    let witnessed = meshgate(&[
+        "federation",
+        "witnessed",
+        "--state",
+        &st,
+        "--trust-domain",
+        "east.example",
+    ]);
+    let witnessed: serde_json::Value = serde_json::from_slice(&witnessed.stdout).unwrap();
+    assert!(witnessed["checkpoints"].is_array(), "{witnessed}");
+    meshgate(&["federation", "remove", "--state", &st, "east"]);
+    let status = meshgate(&["federation", "list", "--state", &st, "--json"]);
+    assert!(
+        !text(&status).0.contains("east.example"),
+        "{:?}",
+        text(&status)
+    );
+    // Each change above was recorded by the gateway as an admin event.
+    let events = meshgate(&["audit", "query", &st, "--decision", "admin", "--json"]);
+    let events: Vec<serde_json::Value> = serde_json::from_slice(&events.stdout).unwrap();
+    let events: Vec<&str> = events
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    for what in [
+        format!("identity issue `{API}`"),
+        "identity rotate prepare".to_owned(),
+        format!("identity entry delete `{BATCH}`"),
+    ] {
+        assert!(events.contains(&what.as_str()), "{what} not in {events:?}");
+    }
 
     // A clean stop removes the socket; the same commands then open the state directly.
     assert!(interrupt(&mut gateway.0).success());

@@ -221,6 +221,7 @@ impl Member {
                 catalog: Arc::new(FederatedCatalog(fed.clone())),
                 control: Some(Arc::new(FederatedCatalog(fed.clone()))),
                 collectors: vec![Box::new(FederationMetrics::new(&fed))],
+                quic_reset_secret: None,
             })
             .await;
             match started {

@@ -214,6 +214,7 @@ impl Cluster {
             catalog: catalog.clone(),
             control: None,
             collectors: Vec::new(),
+            quic_reset_secret: None,
         })
         .await
         .unwrap();

@@ -4,140 +4,11 @@
 //! --witnesses` names the log truncated or rolled back, the restarted `west` reports the
 //! mismatch on `/metrics`, and in strict mode refuses to start.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::procs::{
-    BIN, Proc, READY_TIMEOUT, arg, free_tcp, free_udp, interrupt, meshgate, run, tool,
-    wait_admin_socket, wait_listening,
-};
-
-const WEB: &str = "spiffe://west.example/ns/shop/sa/web";
-const POLICY: &str = r#"@id("web-reads-orders")
-permit (
-  principal == Workload::"spiffe://west.example/ns/shop/sa/web",
-  action in Action::"read",
-  resource == Service::"orders.shop.west"
-);
-"#;
-
-struct Cluster {
-    name: &'static str,
-    dir: PathBuf,
-    workload: SocketAddr,
-    tunnel: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Cluster {
-    fn new(root: &Path, name: &'static str) -> Cluster {
-        let dir = root.join(name);
-        std::fs::create_dir_all(dir.join("policies")).unwrap();
-        std::fs::write(dir.join("policies/orders.cedar"), POLICY).unwrap();
-        meshgate(&[
-            "identity",
-            "init",
-            "--state",
-            &arg(&dir.join("state")),
-            "--trust-domain",
-            &format!("{name}.example"),
-        ]);
-        let bundle = meshgate(&["identity", "bundle", "--state", &arg(&dir.join("state"))]);
-        std::fs::write(dir.join("bundle.json"), bundle.stdout).unwrap();
-        Cluster {
-            name,
-            dir,
-            workload: free_tcp(),
-            tunnel: free_udp(),
-            admin: free_tcp(),
-        }
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    fn write_config(&self, peer: &Cluster, upstream: SocketAddr, witness_check: &str) {
-        let text = format!(
-            r#"cluster = "{name}"
-trust_domain = "{name}.example"
-state_dir = "state"
-[listeners]
-workload = "{workload}"
-tunnel = "{tunnel}"
-admin = "{admin}"
-[policy]
-dir = "policies"
-[audit]
-witness_check = "{witness_check}"
-[[services]]
-name = "orders"
-namespace = "shop"
-endpoints = ["{upstream}"]
-[[peers]]
-cluster = "{peer}"
-trust_domain = "{peer}.example"
-gateways = ["{peer_tunnel}"]
-bundle = "../{peer}/bundle.json"
-"#,
-            name = self.name,
-            workload = self.workload,
-            tunnel = self.tunnel,
-            admin = self.admin,
-            peer = peer.name,
-            peer_tunnel = peer.tunnel,
-        );
-        std::fs::write(self.dir.join("gateway.toml"), text).unwrap();
-    }
-
-    fn spawn(&self) -> Proc {
-        Proc(
-            Command::new(BIN)
-                .args(["gateway", "--config", &arg(&self.dir.join("gateway.toml"))])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn start(&self) -> Proc {
-        let p = self.spawn();
-        wait_listening(self.admin);
-        wait_admin_socket(&self.state());
-        p
-    }
-
-    /// The `/metrics` text of the admin listener.
-    fn metrics(&self) -> String {
-        let out = tool("curl")
-            .args(["-sS", &format!("http://{}/metrics", self.admin)])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-/// `web` calls `orders` on west's own workload listener: each call is a decision record.
-fn call_orders(west: &Cluster, web: &Path, n: usize) {
-    for _ in 0..n {
-        let out = tool("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
-            .args(["--cacert", &arg(&web.join("bundle.pem"))])
-            .args(["--cert", &arg(&web.join("svid.pem"))])
-            .args(["--key", &arg(&web.join("key.pem"))])
-            .args(["-H", "host: orders.shop.west.mesh"])
-            .arg(format!(
-                "https://localhost:{}/v1/orders",
-                west.workload.port()
-            ))
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
-    }
-}
+use crate::pair::{Cluster, WEB, call_orders, issue, wait_for};
+use crate::procs::{BIN, arg, interrupt, meshgate, run};
 
 /// The highest seq of west's heads east holds (through east's admin socket while it runs).
 fn witnessed_by_east(east: &Cluster) -> (Option<u64>, String) {
@@ -167,14 +38,6 @@ fn signed_head(west: &Cluster) -> u64 {
     report["signed_seq"].as_u64().unwrap()
 }
 
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     let status = Command::new("cp")
         .args(["-a", &arg(from), &arg(to)])
@@ -193,16 +56,7 @@ fn a_rolled_back_log_is_named_by_its_witnesses() {
     west.write_config(&east, upstream, "warn");
     east.write_config(&west, upstream, "warn");
     let web = tmp.path().join("web");
-    meshgate(&[
-        "identity",
-        "issue",
-        "--state",
-        &arg(&west.state()),
-        "--spiffe-id",
-        WEB,
-        "--out",
-        &arg(&web),
-    ]);
+    issue(&west, WEB, &web);
 
     let mut east_gw = east.start();
     let mut west_gw = west.start();
