@@ -199,6 +199,18 @@ pub enum CallerError {
     /// A reference this connection does not hold (or held for another audience, or expired).
     #[error("caller reference `{0}` is not known on this connection")]
     UnknownReference(String),
+    /// The token expires later than this gateway lets a caller token live
+    /// (`identity.caller_jwt_ttl` plus the leeway).
+    #[error(
+        "caller token rejected: it expires in {remaining_secs} s, longer than the {max_secs} s \
+         this gateway accepts"
+    )]
+    TooLongLived {
+        /// Seconds until the token's `exp`.
+        remaining_secs: u64,
+        /// The longest remaining lifetime accepted, in seconds.
+        max_secs: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -223,11 +235,13 @@ struct Bound {
 
 /// Destination side, global: verifies caller JWT-SVIDs, caching a verified token until its
 /// expiry or until its trust domain's bundle changes (a rotated or removed bundle re-verifies
-/// at once).
+/// at once). A token that would stay valid longer than `max_lifetime` (from `now`) is refused:
+/// a peer gateway cannot hand out long-lived passes for its callers.
 #[derive(Debug)]
 pub(crate) struct VerifiedCallers {
     bundles: BundleSet,
     leeway: Duration,
+    max_lifetime: Duration,
     cache: Mutex<HashMap<[u8; 32], Verified>>,
 }
 
@@ -239,10 +253,13 @@ pub(crate) struct Named {
 }
 
 impl VerifiedCallers {
-    pub(crate) fn new(bundles: BundleSet, leeway: Duration) -> Self {
+    /// `ttl` is the longest lifetime a caller token is minted with (`identity.caller_jwt_ttl`);
+    /// tokens are accepted while their remaining lifetime is at most `ttl + leeway`.
+    pub(crate) fn new(bundles: BundleSet, ttl: Duration, leeway: Duration) -> Self {
         Self {
             bundles,
             leeway,
+            max_lifetime: ttl.saturating_add(leeway),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -334,6 +351,13 @@ impl VerifiedCallers {
         let claims = verify_jwt_svid(token, &self.bundles, aud, now, self.leeway)
             .map_err(|e| CallerError::Invalid(e.to_string()))?;
         check_domain(peer_td, &claims.sub)?;
+        let remaining = claims.exp.duration_since(now).unwrap_or_default();
+        if remaining > self.max_lifetime {
+            return Err(CallerError::TooLongLived {
+                remaining_secs: remaining.as_secs(),
+                max_secs: self.max_lifetime.as_secs(),
+            });
+        }
         let bundle = self
             .bundles
             .get(claims.sub.trust_domain())
@@ -440,7 +464,11 @@ mod tests {
         let bundles = BundleSet::new();
         bundles.insert(issuer.bundle());
         Fixture {
-            callers: VerifiedCallers::new(bundles.clone(), Duration::from_secs(5)),
+            callers: VerifiedCallers::new(
+                bundles.clone(),
+                Duration::from_secs(300),
+                Duration::from_secs(5),
+            ),
             _dir: dir,
             issuer,
             td,
@@ -587,6 +615,59 @@ mod tests {
             f.callers
                 .verify(&conn, &f.td, None, Some("1"), AUD, now)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_configured_ttl_is_refused() {
+        let f = fixture();
+        // This gateway mints and accepts caller tokens of at most a minute (plus 5 s).
+        let callers = VerifiedCallers::new(
+            f.bundles.clone(),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
+        let now = SystemTime::now();
+        let conn = ReceivedRefs::default();
+        let mint = |ttl: Duration| {
+            f.issuer
+                .mint_jwt_svid(&web(&f.td).id, &[AUD.to_owned()], ttl, now)
+                .unwrap()
+                .token
+        };
+        // An hour-long pass from the peer's real issuer: signed correctly, still refused, and
+        // the reference that came with it is not bound.
+        let hour = mint(Duration::from_secs(3600));
+        let err = callers
+            .verify(&conn, &f.td, Some(&hour), Some("1"), AUD, now)
+            .unwrap_err();
+        assert!(
+            matches!(err, CallerError::TooLongLived { max_secs: 65, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("longer than the 65 s"), "{err}");
+        assert!(matches!(
+            callers.verify(&conn, &f.td, None, Some("1"), AUD, now),
+            Err(CallerError::UnknownReference(_))
+        ));
+        // Just past ttl + leeway is refused; the configured ttl itself is accepted, and so is
+        // the long token once its remaining lifetime is within bounds.
+        let over = mint(Duration::from_secs(67));
+        assert!(matches!(
+            callers.verify(&conn, &f.td, Some(&over), None, AUD, now),
+            Err(CallerError::TooLongLived { .. })
+        ));
+        let ok = mint(Duration::from_secs(60));
+        assert!(
+            callers
+                .verify(&conn, &f.td, Some(&ok), None, AUD, now)
+                .is_ok()
+        );
+        let late = now + Duration::from_secs(3600 - 30);
+        assert!(
+            callers
+                .verify(&conn, &f.td, Some(&hour), None, AUD, late)
+                .is_ok()
         );
     }
 }

@@ -298,7 +298,11 @@ impl Gateway {
             services,
             catalog,
             control,
-            callers: VerifiedCallers::new(bundles.clone(), config.identity.jwt_leeway),
+            callers: VerifiedCallers::new(
+                bundles.clone(),
+                config.identity.caller_jwt_ttl,
+                config.identity.jwt_leeway,
+            ),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             in_flight: in_flight.clone(),

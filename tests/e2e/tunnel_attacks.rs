@@ -207,6 +207,65 @@ async fn forged_and_misdirected_caller_tokens_are_refused() {
     assert!(denies >= 6, "{denies} deny records");
 }
 
+/// A compromised East gateway signs, with East's real JWT key, a caller token that stays
+/// valid for a year (East's own issuer would refuse to mint one). West refuses it: a caller
+/// token may live at most `identity.caller_jwt_ttl` plus the leeway.
+#[tokio::test]
+async fn a_year_long_caller_token_from_a_peer_is_refused() {
+    let (east, west) = east_west().await;
+    let mut send = h3_to(&west, &east, &gateway_svid(&east)).await.unwrap();
+    let keys = east._dir.path().join("keys");
+    let key_file = std::fs::read_dir(&keys)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("identity-jwt-"))
+        })
+        .expect("east's JWT key file");
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(key_file).unwrap()).unwrap();
+    let bundle = east.issuer.bundle();
+    let kid = bundle.jwt_keys().keys().next().unwrap().clone();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |lifetime: u64| {
+        jsonwebtoken::encode(
+            &header,
+            &serde_json::json!({
+                "sub": "spiffe://east.example/ns/shop/sa/web",
+                "aud": ["spiffe://west.example/ns/shop/svc/orders"],
+                "iat": now,
+                "exp": now + lifetime,
+                "amr": ["x509"],
+            }),
+            &key,
+        )
+        .unwrap()
+    };
+    // The same hand-made token with an ordinary lifetime passes: the refusal below is about
+    // the lifetime alone.
+    let (status, body) = call(&mut send, Some(&sign(60))).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(&mut send, Some(&sign(365 * 24 * 3600))).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("caller token rejected: it expires in"),
+        "{body}"
+    );
+    let records = west.log.query(&meshgate_policy::Filter::default()).unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.errors.iter().any(|e| e.contains("expires in"))),
+        "the refusal is recorded"
+    );
+}
+
 #[tokio::test]
 async fn control_requests_share_the_tunnel_without_breaking_it() {
     let (east, west) = east_west().await;
