@@ -56,7 +56,8 @@ impl Prepared {
             })?,
         );
         let mut policy = PolicyEngine::load(&config.policy.dir, config.policy.schema.as_deref())
-            .map_err(|e| CliError::input(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| CliError::input(anyhow::anyhow!("{e}")))?
+            .with_path_rules(config.paths.rules());
         if let Some(shadow) = &config.policy.shadow_dir {
             policy = policy
                 .with_shadow(shadow)

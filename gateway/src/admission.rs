@@ -17,7 +17,7 @@ use http::StatusCode;
 use meshgate_identity::{SpiffeId, TrustDomain};
 use meshgate_policy::{
     Decision, DecisionKind, DecisionLog, DecisionRecordInput, PolicyEngine, QuotaLimiter,
-    QuotaResult, RequestFacts, normalize_path,
+    QuotaResult, RequestFacts, normalize_path_with,
 };
 
 use crate::catalog::PeerRoute;
@@ -486,7 +486,8 @@ impl Admission {
             eval_time: Duration::ZERO,
             shadow: None,
             quota: None,
-            normalized_path: normalize_path(&facts.raw_path).unwrap_or_default(),
+            normalized_path: normalize_path_with(&facts.raw_path, self.policy.path_rules())
+                .unwrap_or_default(),
             evaluation_failed: false,
         };
         let mut record = self.record_of(meta, hop, &facts, &decision);

@@ -47,6 +47,26 @@ pub struct GatewayConfig {
     /// The process's async runtime.
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    /// How request paths are normalized before Cedar sees them.
+    #[serde(default)]
+    pub paths: PathSettings,
+}
+
+/// Path rules an operator may change (`[paths]`); the rest are fixed (see the README).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathSettings {
+    /// Accept paths that still hold `%25` followed by two hex digits after normalization.
+    /// Refused by default: an upstream that decodes twice would read another path than the
+    /// one the policies decided on. Only for upstreams that decode exactly once.
+    pub allow_double_encoding: bool,
+}
+
+impl PathSettings {
+    /// The policy engine's path rules.
+    pub fn rules(&self) -> meshgate_policy::PathRules {
+        meshgate_policy::PathRules::allowing_double_encoding(self.allow_double_encoding)
+    }
 }
 
 /// The async runtime `meshgate gateway` runs on (`[runtime]`).

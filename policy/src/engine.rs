@@ -14,7 +14,7 @@ use crate::facts::{Built, FactsError, RequestFacts};
 use crate::load::{
     LoadError, LoadStats, Loaded, PolicyVersion, SourceFile, load_dir, load_sources,
 };
-use crate::path::normalize_path;
+use crate::path::{PathRules, normalize_path_with};
 use crate::quota::QuotaSpec;
 use crate::subject::build_cached;
 
@@ -78,6 +78,7 @@ pub struct PolicyEngine {
     shadow_dir: Option<PathBuf>,
     reload_failures: AtomicU64,
     authorizer: Authorizer,
+    path_rules: PathRules,
 }
 
 impl PolicyEngine {
@@ -108,7 +109,20 @@ impl PolicyEngine {
             shadow_dir: None,
             reload_failures: AtomicU64::new(0),
             authorizer: Authorizer::new(),
+            path_rules: PathRules::default(),
         }
+    }
+
+    /// Sets the path rules requests are normalized under (the defaults refuse double
+    /// encodings; see the `path` module).
+    pub fn with_path_rules(mut self, rules: PathRules) -> Self {
+        self.path_rules = rules;
+        self
+    }
+
+    /// The path rules requests are normalized under.
+    pub fn path_rules(&self) -> PathRules {
+        self.path_rules
     }
 
     /// Adds a shadow (dry-run) set from `dir`, validated against the same schema.
@@ -202,7 +216,7 @@ impl PolicyEngine {
         let reads = shadow_set
             .as_ref()
             .map_or(set.reads, |sh| set.reads.union(sh.reads));
-        let built = build_cached(facts, &set.subjects, &set.actions, reads);
+        let built = build_cached(facts, &set.subjects, &set.actions, reads, self.path_rules);
         let verdict = self.evaluate(&set, &built, facts);
         let shadow = shadow_set.as_ref().map(|sh| {
             let v = self.evaluate(sh, &built, facts);
@@ -250,7 +264,8 @@ impl PolicyEngine {
                     allowed: false,
                     reasons: Vec::new(),
                     errors: vec![e.to_string()],
-                    normalized_path: normalize_path(&facts.raw_path).unwrap_or_default(),
+                    normalized_path: normalize_path_with(&facts.raw_path, self.path_rules)
+                        .unwrap_or_default(),
                     failed: true,
                 };
             }

@@ -37,7 +37,7 @@ pub use log::{
     Durability, Filter, GENESIS_HASH, HashesAt, LogError, LogOptions, MigrateReport, PruneReport,
     Receipt, Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
 };
-pub use path::{MAX_PATH_LEN, PathError, normalize_path};
+pub use path::{MAX_PATH_LEN, PathError, PathRules, normalize_path, normalize_path_with};
 pub use prove::{
     Counterexample, EnvTime, Finding, INSTALL_HINT, PrincipalPattern, Proof, ProveError, Prover,
     Solver,

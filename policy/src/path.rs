@@ -7,13 +7,20 @@
 //! 2. Dot segments are removed (RFC 3986 §5.2.4); `..` above the root stays at the root.
 //! 3. Runs of `/` are merged into one.
 //!
-//! Refused (the request is denied with an error, fail closed): an encoded slash or
+//! Refused (the request is denied with an error, fail closed): a path that, once
+//! normalized, still holds an encoded `%` followed by two hex digits (`%2561` is `%61`
+//! encoded once more: an upstream that decodes twice reads `a`, so `/%2561dmin` would reach
+//! `/admin` past a rule on `/admin*`; [`PathRules::allow_double_encoding`] opts out); an
+//! encoded slash or
 //! backslash (`%2F`, `%5C`) — upstreams disagree on whether it separates segments, so no
 //! `like "/admin/*"` rule could be trusted; a `;` (literal or `%3B`): Java servlet
 //! containers and others strip `;params` from segments, so `/admin;x/secret` would reach
 //! `/admin/secret` past the rule; a literal backslash; an encoded or literal NUL
 //! or other control character; a malformed percent-encoding; a path that does not start
 //! with `/` (except `*` for `OPTIONS *`); a path longer than [`MAX_PATH_LEN`].
+//!
+//! Letter case is kept: `/Admin` and `/admin` are different paths (write a rule for each
+//! spelling an upstream treats alike).
 //!
 //! The gateway forwards the normalized path (plus the original query), never the raw one.
 
@@ -44,10 +51,41 @@ pub enum PathError {
     /// A `;` (segment parameters), which some upstreams strip before routing.
     #[error("`;` in path `{0}` is refused (upstreams strip segment parameters differently)")]
     SegmentParameter(String),
+    /// A `%25` followed by two hex digits after normalization: a double encoding, which an
+    /// upstream that decodes twice reads as a different path than the one decided on.
+    #[error(
+        "double-encoded path `{0}` is refused (`%25` followed by hex digits; \
+         `paths.allow_double_encoding` opts out)"
+    )]
+    DoubleEncoded(String),
 }
 
-/// Normalizes a request target's path (see the module docs). The query is dropped.
+/// Choices in the path rules that an operator may change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PathRules {
+    /// Accept paths that still hold `%25` followed by two hex digits after normalization
+    /// (refused by default). Only for upstreams that decode a path exactly once.
+    pub allow_double_encoding: bool,
+}
+
+impl PathRules {
+    /// The default rules with double encodings allowed or not.
+    pub fn allowing_double_encoding(allow: bool) -> Self {
+        Self {
+            allow_double_encoding: allow,
+        }
+    }
+}
+
+/// Normalizes a request target's path with the default rules (see the module docs). The
+/// query is dropped.
 pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    normalize_path_with(raw, PathRules::default())
+}
+
+/// Normalizes a request target's path under `rules` (see the module docs).
+pub fn normalize_path_with(raw: &str, rules: PathRules) -> Result<String, PathError> {
     if raw.len() > MAX_PATH_LEN {
         return Err(PathError::TooLong);
     }
@@ -62,7 +100,20 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         return Err(PathError::NotAbsolute(shorten(raw)));
     }
     let decoded = decode_unreserved(path)?;
-    Ok(remove_dot_segments(&decoded))
+    let normalized = remove_dot_segments(&decoded);
+    if !rules.allow_double_encoding && has_double_encoding(&normalized) {
+        return Err(PathError::DoubleEncoded(shorten(path)));
+    }
+    Ok(normalized)
+}
+
+/// Whether a normalized path holds `%25` followed by two hex digits. Normalization writes
+/// every kept encoding in upper case, so `%25` is the only spelling of an encoded `%`.
+fn has_double_encoding(normalized: &str) -> bool {
+    normalized
+        .as_bytes()
+        .windows(5)
+        .any(|w| w[..3] == *b"%25" && w[3].is_ascii_hexdigit() && w[4].is_ascii_hexdigit())
 }
 
 /// Decodes unreserved percent-encodings; uppercases the rest; refuses dangerous bytes.
@@ -261,6 +312,37 @@ mod tests {
             normalize_path(&"/a".repeat(5000)),
             Err(PathError::TooLong)
         ));
+    }
+
+    #[test]
+    fn double_encodings_are_refused_unless_allowed() {
+        // `%2561` is `%61` (`a`) encoded again; `%32%35` decodes to `25`, so the second
+        // spelling is the same attack assembled by normalization itself.
+        for p in [
+            "/%2561dmin",
+            "/%2561DMIN/users",
+            "/x/%252e%252e/admin",
+            "/%252F",
+            "/%25%32%35%36%31dmin",
+            "/ok/../%2561",
+        ] {
+            assert!(
+                matches!(normalize_path(p), Err(PathError::DoubleEncoded(_))),
+                "{p}: {:?}",
+                normalize_path(p)
+            );
+        }
+        // A `%` encoded alone (not followed by two hex digits) is an ordinary character.
+        assert_eq!(n("/100%25"), "/100%25");
+        assert_eq!(n("/100%25off"), "/100%25off");
+        assert_eq!(n("/a%25z1"), "/a%25z1");
+        let allow = PathRules::allowing_double_encoding(true);
+        assert_eq!(
+            normalize_path_with("/%2561dmin", allow).unwrap(),
+            "/%2561dmin"
+        );
+        let err = normalize_path("/%2561dmin").unwrap_err().to_string();
+        assert!(err.contains("paths.allow_double_encoding"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::facts::{
     Actions, Built, FactsError, RequestFacts, action_name, request_parts, request_uid,
     subject_parts, uid,
 };
-use crate::path::normalize_path;
+use crate::path::{PathRules, normalize_path_with};
 
 /// Which per-request parts a policy set can observe: each context attribute, and whether the
 /// `Headers` and `Claims` entities need this request's tags. Found by looking for the names in
@@ -220,10 +220,11 @@ pub(crate) fn build_cached(
     cache: &SubjectCache,
     actions: &Actions,
     reads: Reads,
+    rules: PathRules,
 ) -> Result<Built, FactsError> {
     let subject = cache.get(facts, actions)?;
     let action = uid("Action", action_name(&facts.method)?)?;
-    let path = normalize_path(&facts.raw_path)?;
+    let path = normalize_path_with(&facts.raw_path, rules)?;
     let (headers, claims, context) = request_parts(facts, &path, reads)?;
     let mut own = Vec::new();
     if reads.has("headers") {
@@ -401,8 +402,14 @@ mod tests {
             let fresh = build(&f, &loaded.actions).unwrap();
             // Twice: the first builds the subject, the second uses the cached one.
             for _ in 0..2 {
-                let cached =
-                    build_cached(&f, &loaded.subjects, &loaded.actions, loaded.reads).unwrap();
+                let cached = build_cached(
+                    &f,
+                    &loaded.subjects,
+                    &loaded.actions,
+                    loaded.reads,
+                    PathRules::default(),
+                )
+                .unwrap();
                 let a = loaded
                     .sliced
                     .authorize(&authorizer, &fresh.request, &fresh.entities);

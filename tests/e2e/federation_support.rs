@@ -167,6 +167,7 @@ impl Member {
             identity: Default::default(),
             audit: Default::default(),
             runtime: Default::default(),
+            paths: Default::default(),
         };
         let (_, der) = CheckpointSigner::generate().unwrap();
         Self::boot(dir, db, config, der, spec.options, spec.autostart).await

@@ -11,6 +11,7 @@ mod federation_support;
 mod gateway;
 mod gateway_cli;
 mod gateway_ops;
+mod hardening;
 mod identity_cli;
 mod pair;
 mod policy_cli;

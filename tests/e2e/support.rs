@@ -155,7 +155,6 @@ impl Cluster {
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("policy.cedar"), spec.policies).unwrap();
-        let policy = Arc::new(PolicyEngine::load(&policy_dir, None).unwrap());
         let default_quota = spec.default_quota.map(|q| q.parse().unwrap());
         let log = Arc::new(
             DecisionLog::open(&dir.path().join("audit"), None, Default::default()).unwrap(),
@@ -200,9 +199,15 @@ impl Cluster {
             identity: Default::default(),
             audit: Default::default(),
             runtime: Default::default(),
+            paths: Default::default(),
         };
         let mut config = config;
         adjust(&mut config);
+        let policy = Arc::new(
+            PolicyEngine::load(&config.policy.dir, None)
+                .unwrap()
+                .with_path_rules(config.paths.rules()),
+        );
         let bundles = BundleSet::new();
         let gateway = Gateway::start(GatewayParts {
             config,

@@ -1,0 +1,101 @@
+//! Attacks from the security review (issue 11), each performed against real gateways and
+//! shown to fail: double-encoded paths, …
+
+use crate::gateway::east_west;
+use crate::support::{Cluster, Spec, echo_upstream, service};
+
+/// `GET https://<east's workload listener>/<path>` with `host: <authority>`, by real curl
+/// presenting `web`'s SVID; the status and body.
+async fn curl_get(east: &Cluster, authority: &str, path: &str) -> (u16, String) {
+    let files = east.svid_files("/ns/shop/sa/web");
+    let f = |name: &str| files.path().join(name).to_string_lossy().into_owned();
+    let port = east.gateway.addrs().workload.port();
+    let out = crate::procs::tokio_tool("curl")
+        .args(["-sS", "--path-as-is", "-w", "\n%{http_code}"])
+        .args(["--cacert", &f("bundle.pem"), "--cert", &f("svid.pem")])
+        .args(["--key", &f("key.pem"), "-H", &format!("host: {authority}")])
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+/// `/%2561dmin` is `/admin` to an upstream that decodes twice; the `no-admin` forbid
+/// never saw `/admin`. The gateway refuses it (West decides; the refusal and its reason are
+/// recorded there, the caller reads only that evaluation failed)
+/// while a single `%25` stays an ordinary character.
+#[tokio::test]
+async fn double_encoded_paths_are_refused() {
+    let (east, west) = east_west().await;
+    // The baseline: a single encoding is folded and the forbid applies.
+    let (status, body) = curl_get(&east, "orders.shop.west.mesh", "/%61dmin/users").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no-admin"), "{body}");
+    for path in [
+        "/%2561dmin/users",
+        "/%2561DMIN/users",
+        "/x/%252e%252e/admin/users",
+    ] {
+        let (status, body) = curl_get(&east, "orders.shop.west.mesh", path).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("policy evaluation failed"), "{path}: {body}");
+    }
+    let records = west.log.query(&meshgate_policy::Filter::default()).unwrap();
+    let refused = records
+        .iter()
+        .filter(|r| r.errors.iter().any(|e| e.contains("double-encoded")))
+        .count();
+    assert_eq!(refused, 3, "each refusal is recorded at the destination");
+    // `%25` not followed by two hex digits is an ordinary `%`.
+    let (status, body) = curl_get(&east, "orders.shop.west.mesh", "/v1/100%25off").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["path"], "/v1/100%25off");
+}
+
+/// With `paths.allow_double_encoding = true` the operator takes the risk: the path is
+/// decided on and forwarded as it is, still encoded.
+#[tokio::test]
+async fn double_encoding_can_be_allowed_by_the_operator() {
+    let upstream = echo_upstream().await;
+    let spec = |name| Spec {
+        name,
+        policies: r#"
+@id("reads")
+permit (principal, action in Action::"read", resource == Service::"catalog.shop.east");
+@id("no-admin")
+forbid (principal, action, resource) when { context.path like "/admin*" };
+"#,
+        services: vec![service("catalog", "shop", upstream, &[])],
+        default_quota: None,
+    };
+    let strict = Cluster::start(spec("east")).await;
+    let (status, body) = curl_get(&strict, "catalog.shop.east.mesh", "/%2561dmin").await;
+    assert_eq!(status, 403, "{body}");
+    let records = strict
+        .log
+        .query(&meshgate_policy::Filter::default())
+        .unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.errors.iter().any(|e| e.contains("double-encoded path"))),
+        "{records:?}"
+    );
+
+    let lax = Cluster::start_with(spec("east"), |c| c.paths.allow_double_encoding = true).await;
+    let (status, body) = curl_get(&lax, "catalog.shop.east.mesh", "/%2561dmin").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["path"], "/%2561dmin");
+    let (status, _) = curl_get(&lax, "catalog.shop.east.mesh", "/%61dmin").await;
+    assert_eq!(status, 403, "the other rules still hold");
+}
