@@ -113,7 +113,9 @@ impl Forwarder {
         body: GatewayBody,
         entered_here: bool,
     ) -> Forwarded {
-        match permit.target() {
+        // Trailers are relayed end to end: no `x-meshgate-*` field in them passes, either way.
+        let body = headers::strip_meshgate_trailers(body);
+        let forwarded = match permit.target() {
             Target::Local(svc) => {
                 let svc = svc.clone();
                 let retries = if entered_here { svc.retries() } else { 0 };
@@ -123,6 +125,12 @@ impl Forwarder {
                 let (dest, routes) = (dest.clone(), routes.clone());
                 self.remote(permit, &dest, &routes, head, body).await
             }
+        };
+        match forwarded {
+            Forwarded::Answer(resp) => {
+                Forwarded::Answer(resp.map(headers::strip_meshgate_trailers))
+            }
+            unreachable => unreachable,
         }
     }
 

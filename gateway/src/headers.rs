@@ -33,6 +33,21 @@ pub fn strip_meshgate(headers: &mut HeaderMap) {
     }
 }
 
+/// The same body with every `x-meshgate-*` field removed from its trailers: trailers travel
+/// end to end like headers, so a client (or an upstream) could otherwise claim an identity
+/// or a decision in them.
+pub fn strip_meshgate_trailers(body: crate::body::GatewayBody) -> crate::body::GatewayBody {
+    use http_body_util::BodyExt;
+    body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            strip_meshgate(&mut trailers);
+            hyper::body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    })
+    .boxed()
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`. `te: trailers` is kept
 /// (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -1,8 +1,13 @@
 //! Attacks from the security review (issue 11), each performed against real gateways and
-//! shown to fail: double-encoded paths, …
+//! shown to fail: double-encoded paths, `x-meshgate-*` in trailers, …
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 
 use crate::gateway::east_west;
-use crate::support::{Cluster, Spec, echo_upstream, service};
+use crate::support::{Client, Cluster, Spec, echo_upstream, futures_stream, service};
 
 /// `GET https://<east's workload listener>/<path>` with `host: <authority>`, by real curl
 /// presenting `web`'s SVID; the status and body.
@@ -98,4 +103,50 @@ forbid (principal, action, resource) when { context.path like "/admin*" };
     assert_eq!(json["path"], "/%2561dmin");
     let (status, _) = curl_get(&lax, "catalog.shop.east.mesh", "/%61dmin").await;
     assert_eq!(status, 403, "the other rules still hold");
+}
+
+/// A workload puts `x-meshgate-caller` (and a caller token) in its request *trailers*, and an
+/// upstream puts a forged `x-meshgate-decision-id` in its response trailers. Neither reaches
+/// the other side; ordinary trailers still do (gRPC).
+#[tokio::test]
+async fn meshgate_fields_in_trailers_are_stripped_both_ways() {
+    let (east, _west) = east_west().await;
+    let client = Client::new(&east, Some(&east.svid("/ns/shop/sa/web")), &[b"h2"]);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-request-checksum", "abc".parse().unwrap());
+    trailers.insert(
+        "x-meshgate-caller",
+        "spiffe://west.example/ns/ops/sa/root".parse().unwrap(),
+    );
+    trailers.insert("x-meshgate-caller-svid", "e30.e30.sig".parse().unwrap());
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = Request::post("https://orders.shop.west.mesh/grpc-forge")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(futures_stream(frames.into_iter())))
+        .unwrap();
+    let reply = client.send(req).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let json = reply.json();
+    let seen = json["request_trailers"]
+        .as_object()
+        .expect("request trailers");
+    assert_eq!(seen["x-request-checksum"], "abc", "{seen:?}");
+    assert!(
+        seen.keys().all(|k| !k.starts_with("x-meshgate-")),
+        "the upstream saw {seen:?}"
+    );
+    assert_eq!(json["caller"], "spiffe://east.example/ns/shop/sa/web");
+    let trailers = reply.trailers.clone().expect("response trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert!(
+        trailers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-meshgate-")),
+        "the workload saw {trailers:?}"
+    );
+    assert_ne!(reply.decision_id(), "forged");
 }

@@ -544,10 +544,15 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, std::convert
         "request_trailers": request_trailers.map(|t| t.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned())).collect::<BTreeMap<_, _>>()),
     });
     let bytes = Bytes::from(serde_json::to_vec(&json).unwrap());
-    if path == "/grpc" {
+    if path == "/grpc" || path == "/grpc-forge" {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.insert("grpc-message", "ok".parse().unwrap());
+        if path == "/grpc-forge" {
+            // An upstream claiming a decision and an identity in its trailers.
+            trailers.insert("x-meshgate-decision-id", "forged".parse().unwrap());
+            trailers.insert("x-meshgate-caller", "spiffe://x/forged".parse().unwrap());
+        }
         let frames = vec![Ok(Frame::data(bytes)), Ok(Frame::trailers(trailers))];
         let mut resp = Response::new(StreamBody::new(futures_stream(frames.into_iter())).boxed());
         resp.headers_mut()
