@@ -160,7 +160,15 @@ pub fn zone_records(
         Record::from_rdata(gateway.clone(), MESH_TTL, address.clone()),
     ];
     for rel in names {
-        let owner = name(rel)?;
+        // Names are checked where they enter; one that still cannot be a DNS name is left
+        // out, never the whole zone.
+        let owner = match name(rel) {
+            Ok(owner) => owner,
+            Err(e) => {
+                tracing::warn!(error = %e, "service name left out of the mesh DNS zone");
+                continue;
+            }
+        };
         out.push(Record::from_rdata(owner.clone(), MESH_TTL, address.clone()));
         out.push(Record::from_rdata(
             owner,
@@ -196,7 +204,14 @@ mod tests {
         assert_eq!(find("gateway.mesh.", "A"), 1);
         let v6 = zone_records(&origin, &names, "[::1]:15001".parse().unwrap(), 7).unwrap();
         assert!(v6.iter().any(|r| matches!(r.data, RData::AAAA(_))));
-        let bad: BTreeSet<String> = ["bad name!".to_owned()].into();
-        assert!(zone_records(&origin, &bad, "127.0.0.1:1".parse().unwrap(), 1).is_err());
+        // A name that cannot be a DNS name is left out; the others are served.
+        let bad: BTreeSet<String> = ["bad name!".to_owned(), "orders.shop".to_owned()].into();
+        let records = zone_records(&origin, &bad, "127.0.0.1:1".parse().unwrap(), 1).unwrap();
+        assert!(
+            records
+                .iter()
+                .any(|r| r.name.to_ascii() == "orders.shop.mesh.")
+        );
+        assert_eq!(records.len(), 4 + 2);
     }
 }

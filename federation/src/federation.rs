@@ -267,6 +267,9 @@ impl Federation {
         if state.last_sync.is_none() && state.imported.is_empty() {
             state.imported = link.services.clone();
         }
+        // Cached state may predate the check where names enter (or the sled file was
+        // edited): what cannot be served is dropped here too, never failing the start.
+        state.imported = crate::sync::imported_services(&td, std::mem::take(&mut state.imported));
         let closed = self.judge(&state, now) == Freshness::Expired;
         if closed {
             self.bundles.remove(&td);

@@ -1,5 +1,6 @@
 //! The decisions of federation, free of I/O: which bundle update to accept, how fresh
-//! cached peer state is, in which order peers serve a destination, when to sync next.
+//! cached peer state is, in which order peers serve a destination, when to sync next, which
+//! service names a peer's catalog may bring in.
 //! Everything takes `now` (and randomness) as arguments so tests drive it on simulated time.
 
 use std::time::{Duration, SystemTime};
@@ -166,6 +167,36 @@ pub fn next_delay(timing: &Timing, failures: u32, hint: Option<Duration>, jitter
     base.mul_f64(0.5 + 0.5 * jitter)
 }
 
+/// The most services taken from one peer's catalog; the rest are skipped.
+pub const MAX_IMPORTED_SERVICES: usize = 4096;
+
+/// Whether `name` can be served as `<service>.<namespace>`: two DNS labels (RFC 1123: 1–63
+/// of `a-z0-9-`, not starting or ending with `-`), as the gateway resolves them.
+pub fn valid_service_name(name: &str) -> bool {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    matches!(name.split('.').collect::<Vec<_>>().as_slice(), [s, n] if label(s) && label(n))
+}
+
+/// The service names of a peer's catalog that can be served: valid names, sorted, without
+/// duplicates, at most [`MAX_IMPORTED_SERVICES`]; and those skipped.
+pub fn servable_services(names: Vec<String>) -> (Vec<String>, Vec<String>) {
+    let (mut good, mut bad): (Vec<String>, Vec<String>) =
+        names.into_iter().partition(|n| valid_service_name(n));
+    good.sort();
+    good.dedup();
+    if good.len() > MAX_IMPORTED_SERVICES {
+        bad.extend(good.split_off(MAX_IMPORTED_SERVICES));
+    }
+    (good, bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +309,36 @@ mod tests {
         assert_eq!(next_delay(&t, 3, None, 1.0), 4 * S);
         assert_eq!(next_delay(&t, 3, None, 0.0), 2 * S);
         assert_eq!(next_delay(&t, 40, None, 1.0), 60 * S, "capped, no overflow");
+    }
+
+    #[test]
+    fn only_servable_service_names_are_imported() {
+        let names = [
+            "orders.shop",
+            "orders.shop",
+            "a-b.c1",
+            "bad name!.shop",
+            "Orders.shop",
+            "orders",
+            "orders.shop.west",
+            "orders..shop",
+            "-x.shop",
+            "x-.shop",
+            "",
+            ".",
+            &format!("{}.shop", "a".repeat(64)),
+            "ünï.shop",
+            "a.b\n",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (good, bad) = servable_services(names);
+        assert_eq!(good, ["a-b.c1", "orders.shop"]);
+        assert_eq!(bad.len(), 12, "{bad:?}");
+        let many: Vec<String> = (0..MAX_IMPORTED_SERVICES + 5)
+            .map(|i| format!("s{i}.ns"))
+            .collect();
+        let (good, bad) = servable_services(many);
+        assert_eq!((good.len(), bad.len()), (MAX_IMPORTED_SERVICES, 5));
     }
 }

@@ -146,9 +146,7 @@ impl Federation {
         self.witness_heads(td, &f.checkpoints.checkpoints);
         let mut peers = self.write();
         let Some(p) = peers.get_mut(td) else { return };
-        let mut services = f.services.services;
-        services.sort();
-        services.dedup();
+        let services = imported_services(td, f.services.services);
         let catalog_changed = p.state.imported != services || !p.healthy;
         p.state.imported = services;
         p.state.endpoints = f.endpoints.gateways;
@@ -364,4 +362,16 @@ async fn fetch(
         checkpoints: get_json(t, addr, td, CHECKPOINTS_PATH).await?,
         rtt,
     })
+}
+/// The services a peer's catalog brings in that can be served; each name skipped is logged
+/// (a bad name must never break the mesh DNS zone or the next start).
+pub(crate) fn imported_services(td: &TrustDomain, names: Vec<String>) -> Vec<String> {
+    let (good, bad) = crate::rules::servable_services(names);
+    for name in bad.iter().take(16) {
+        tracing::warn!(trust_domain = %td, service = %name.escape_debug(), "peer's service name skipped: not a servable `<service>.<namespace>` or over the limit");
+    }
+    if bad.len() > 16 {
+        tracing::warn!(trust_domain = %td, skipped = bad.len(), "more service names of the peer skipped");
+    }
+    good
 }

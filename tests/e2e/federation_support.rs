@@ -108,7 +108,7 @@ async fn open_log(dir: &Path, signer_der: &[u8]) -> DecisionLog {
 
 /// Reopens a state database after a stop: tasks of the stopped gateway may still hold it for
 /// a moment (sled allows one opener), so wait until it is released.
-async fn reopen_db(dir: &Path) -> sled::Db {
+pub async fn reopen_db(dir: &Path) -> sled::Db {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let config = sled::Config::new()

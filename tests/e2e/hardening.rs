@@ -150,3 +150,62 @@ async fn meshgate_fields_in_trailers_are_stripped_both_ways() {
     );
     assert_ne!(reply.decision_id(), "forged");
 }
+
+/// A peer exports services whose names cannot be DNS names. They are skipped where the
+/// catalog enters (the good name is served by the mesh DNS at once), and a bad name already
+/// cached in sled (from an older version, or an edited file) does not stop a restart with
+/// `listeners.dns`.
+#[tokio::test]
+async fn bad_service_names_from_a_peer_never_break_the_mesh_dns() {
+    use crate::federation_support::{Member, MemberSpec, fast_options, link_pair};
+    let up = echo_upstream().await;
+    let mut a = MemberSpec::new("a", vec![]);
+    a.dns = true;
+    let b = MemberSpec::new(
+        "b",
+        vec![
+            service("orders", "shop", up, &["a"]),
+            service("bad name!", "shop", up, &["a"]),
+            service("Upper", "shop", up, &["a"]),
+            service("x", "a.b", up, &["a"]),
+        ],
+    );
+    let (a, b) = (Member::start(a).await, Member::start(b).await);
+    link_pair(&a, 0, &b, 0);
+    a.fed.sync_now(&b.td).await.unwrap();
+    let status = a.fed.status(std::time::SystemTime::now());
+    assert_eq!(
+        status[0].imported,
+        ["orders.shop"],
+        "only the servable name"
+    );
+    let server = a.dns.as_ref().unwrap().local_addr();
+    let workload = a.gateway.addrs().workload;
+    let found = meshgate_federation::discovery::resolve("orders.shop.b.mesh", &[server])
+        .await
+        .unwrap();
+    assert_eq!(found, [workload]);
+
+    // A bad name in the cached peer state: the next start drops it and serves the rest.
+    let stopped = a.stop().await;
+    {
+        let db = crate::federation_support::reopen_db(stopped.dir.path()).await;
+        let tree = db.open_tree("federation.peers").unwrap();
+        let raw = tree.get("b.example").unwrap().expect("b's cached state");
+        let mut state: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        state["imported"]
+            .as_array_mut()
+            .unwrap()
+            .push("bad name!.shop".into());
+        tree.insert("b.example", serde_json::to_vec(&state).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let a = stopped.restart(fast_options(), false).await;
+    let server = a.dns.as_ref().expect("mesh DNS started").local_addr();
+    let found = meshgate_federation::discovery::resolve("orders.shop.b.mesh", &[server])
+        .await
+        .unwrap();
+    assert_eq!(found, [a.gateway.addrs().workload]);
+    drop(b);
+}
