@@ -53,7 +53,7 @@ pub enum IssuerError {
     },
     /// The ID is reserved for the trust domain's gateway; no workload may be registered
     /// under it.
-    #[error("SPIFFE ID `{id}` is reserved for the gateway and cannot be registered")]
+    #[error("SPIFFE ID `{id}` is reserved for the gateway: it cannot be registered or issued")]
     ReservedId {
         /// The refused ID.
         id: String,

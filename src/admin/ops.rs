@@ -95,6 +95,11 @@ impl TokenCreate {
 impl IdentityIssue {
     pub fn run(&self, issuer: &Issuer, now: SystemTime) -> Result<IssuedSvid, AdminError> {
         let id = parse_id(&self.spiffe_id)?;
+        // Only the gateway process holds the gateway identity (it issues it to itself): a
+        // certificate for it would let its holder act as this cluster's gateway to peers.
+        if id == SpiffeId::gateway(id.trust_domain()) {
+            return Err(issuer_err(IssuerError::ReservedId { id: id.to_string() }));
+        }
         let svid = issuer
             .issue_x509_svid(
                 &id,

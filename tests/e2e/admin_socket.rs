@@ -277,6 +277,25 @@ async fn cli_state_commands_go_through_the_running_gateway() {
         String::from_utf8_lossy(&san.stdout).contains(API),
         "{san:?}"
     );
+    // The gateway's own ID is never issued: its holder could pose as this gateway to peers.
+    let gw_dir = dir.join("gw");
+    let refused = crate::procs::run(&[
+        "identity",
+        "issue",
+        "--state",
+        &st,
+        "--spiffe-id",
+        "spiffe://west.example/meshgate/gateway",
+        "--out",
+        &arg(&gw_dir),
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{:?}", text(&refused));
+    assert!(
+        text(&refused).1.contains("reserved for the gateway"),
+        "{:?}",
+        text(&refused)
+    );
+    assert!(!gw_dir.join("key.pem").exists());
     // `identity bundle` in both formats, then `identity rotate prepare` adds a root to it.
     let roots = |st: &str| {
         let bundle = meshgate(&["identity", "bundle", "--state", st]);

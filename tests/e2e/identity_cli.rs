@@ -242,6 +242,50 @@ impl Drop for Killed {
     }
 }
 
+/// The gateway's reserved ID (`spiffe://<td>/meshgate/gateway`) is never issued by the CLI:
+/// a certificate for it would let its holder act as this cluster's gateway to its peers.
+#[test]
+fn the_gateway_id_is_never_issued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let out = tmp.path().join("out");
+    ok(&[
+        "identity",
+        "init",
+        "--state",
+        s(&state),
+        "--trust-domain",
+        "east.example",
+    ]);
+    let (code, stderr) = exit_code(&[
+        "identity",
+        "issue",
+        "--state",
+        s(&state),
+        "--spiffe-id",
+        "spiffe://east.example/meshgate/gateway",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("`spiffe://east.example/meshgate/gateway` is reserved for the gateway"),
+        "{stderr}"
+    );
+    assert!(!out.join("svid.pem").exists());
+    // Other IDs under `/meshgate/` are ordinary workload IDs (only the gateway's is reserved).
+    ok(&[
+        "identity",
+        "issue",
+        "--state",
+        s(&state),
+        "--spiffe-id",
+        "spiffe://east.example/meshgate/probe",
+        "--out",
+        s(&out),
+    ]);
+}
+
 fn wait_for_file(path: &Path, timeout: Duration) {
     let start = Instant::now();
     while !path.exists() {
