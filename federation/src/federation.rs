@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLo
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use meshgate_identity::{BundleSet, Issuer, TrustBundle, TrustDomain};
+use meshgate_identity::{BundleSet, Issuer, SpiffeId, TrustBundle, TrustDomain};
 use meshgate_policy::DecisionLog;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -166,6 +166,9 @@ impl Federation {
             options,
         } = parts;
         let store = Store::open(db)?;
+        // A config link that is new or differs from the stored one is the operator speaking,
+        // as with `federation add`: its bundle is authoritative over what was cached.
+        let mut from_config = BTreeSet::new();
         for link in &config_links {
             link.validate()?;
             if link.trust_domain == local.trust_domain.as_str() {
@@ -173,6 +176,7 @@ impl Federation {
             }
             if store.links()?.get(&link.trust_domain) != Some(link) {
                 store.put_link(link)?;
+                from_config.insert(link.trust_domain.clone());
             }
         }
         bundles.insert(issuer.bundle());
@@ -193,7 +197,16 @@ impl Federation {
         let states = fed.store.peers()?;
         for (td, link) in fed.store.links()? {
             let state = states.get(&td).cloned().unwrap_or_default();
-            fed.install(link, state, now)?;
+            let operator = from_config.contains(&td);
+            let cluster = link.cluster.clone();
+            let installed = fed.install(link, state, now, operator)?;
+            if operator {
+                fed.audit(
+                    "config file",
+                    &format!("federation link `{installed}` (cluster `{cluster}`) set from the config file, its bundle taken as given"),
+                    now,
+                );
+            }
         }
         Ok(fed)
     }
@@ -221,9 +234,10 @@ impl Federation {
             .peers()?
             .remove(&link.trust_domain)
             .unwrap_or_default();
-        // An operator adding the link again vouches for the bundle it names.
+        // An operator adding the link again vouches for the bundle it names: it replaces
+        // whatever was cached, even with a higher sequence (a compromised peer's push).
         state.confirmed_at = Some(unix(now));
-        let td = self.install(link, state, now)?;
+        let td = self.install(link, state, now, true)?;
         if self.runtime.get().is_some() {
             self.spawn_peer(&td);
         }
@@ -248,17 +262,20 @@ impl Federation {
         Ok(existed)
     }
 
-    /// Puts a link and its state in place; returns its trust domain.
+    /// Puts a link and its state in place; returns its trust domain. With `operator` (the
+    /// operator just gave the link: `federation add`, or a changed config entry) its bundle
+    /// replaces the cached one; otherwise the cached one is kept while it is at least as new.
     fn install(
         &self,
         link: Link,
         mut state: PeerState,
         now: SystemTime,
+        operator: bool,
     ) -> Result<TrustDomain, FederationError> {
         let (td, bootstrap) = link.validate()?;
         let cached = state.cached_bundle(&td);
         let bundle = match cached {
-            Some(c) if c.sequence() >= bootstrap.sequence() => c,
+            Some(c) if !operator && c.sequence() >= bootstrap.sequence() => c,
             _ => {
                 state.set_bundle(&bootstrap, now);
                 bootstrap
@@ -464,9 +481,15 @@ impl Federation {
             };
         };
         let held = self.bundles.get(td);
+        let mut event = None;
         let ack = match rules::accept_bundle(td, held.as_deref(), &bundle) {
             Ok(()) => {
                 tracing::info!(trust_domain = %td, sequence = bundle.sequence(), "peer bundle updated");
+                event = Some(format!(
+                    "federation bundle of `{td}` accepted: sequence {} (held {})",
+                    bundle.sequence(),
+                    held.as_ref().map_or(0, |h| h.sequence()),
+                ));
                 peer.state.set_bundle(&bundle, now);
                 self.bundles.insert(bundle);
                 BundleAck {
@@ -494,7 +517,21 @@ impl Federation {
         if let Err(e) = self.store.put_peer(td.as_str(), &peer.state) {
             tracing::warn!(trust_domain = %td, error = %e, "cannot persist peer state");
         }
+        drop(peers);
+        if let Some(what) = event {
+            self.audit(SpiffeId::gateway(td).as_str(), &what, now);
+        }
         ack
+    }
+
+    /// Records a change of who is trusted as an admin event in the decision log (who, what,
+    /// when). A failure to record is logged; the change itself has happened.
+    pub(crate) fn audit(&self, who: &str, what: &str, now: SystemTime) {
+        if let Some(log) = &self.log
+            && let Err(e) = log.append_admin_event(who, what, now)
+        {
+            tracing::error!(error = %e, what, "cannot record a federation change in the decision log");
+        }
     }
 
     /// Judges every peer's cached state at `now`; expired peers fail closed (their bundle
@@ -516,6 +553,11 @@ impl Federation {
                 t.disconnect(td);
             }
             tracing::error!(trust_domain = %td, "cached bundle of the peer expired while it was unreachable; failing closed for it");
+            self.audit(
+                "meshgate",
+                &format!("federation link `{td}` failed closed: its cached bundle expired"),
+                now,
+            );
         }
         if !closed.is_empty() {
             self.changed();
@@ -599,3 +641,7 @@ impl Drop for Federation {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "federation_tests.rs"]
+mod tests;

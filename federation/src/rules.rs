@@ -30,10 +30,24 @@ pub enum BundleRefusal {
     /// The bundle holds no X.509 root: accepting it would cut the link.
     #[error("bundle holds no X.509 root")]
     NoRoots,
+    /// The sequence grows by more than [`MAX_SEQUENCE_JUMP`] at once: taking it would lock
+    /// out every later genuine update (only an operator's `federation add` could undo it).
+    #[error("bundle sequence {offered} jumps more than {MAX_SEQUENCE_JUMP} past the held {held}")]
+    SequenceJump {
+        /// The sequence held.
+        held: u64,
+        /// The sequence offered.
+        offered: u64,
+    },
 }
 
+/// The most a peer's `spiffe_sequence` may grow in one update. A meshgate issuer adds one
+/// per rotation step (prepare, activate, retire), so a thousand is years of rotations.
+pub const MAX_SEQUENCE_JUMP: u64 = 1000;
+
 /// Whether `offered`, received from the authenticated gateway of `peer`, replaces `held`:
-/// only for the peer's own trust domain, only with a higher `spiffe_sequence`, never empty.
+/// only for the peer's own trust domain, only with a higher `spiffe_sequence` (by at most
+/// [`MAX_SEQUENCE_JUMP`]), never empty.
 pub fn accept_bundle(
     peer: &TrustDomain,
     held: Option<&TrustBundle>,
@@ -49,6 +63,14 @@ pub fn accept_bundle(
         && offered.sequence() <= held.sequence()
     {
         return Err(BundleRefusal::NotNewer {
+            held: held.sequence(),
+            offered: offered.sequence(),
+        });
+    }
+    if let Some(held) = held
+        && offered.sequence() - held.sequence() > MAX_SEQUENCE_JUMP
+    {
+        return Err(BundleRefusal::SequenceJump {
             held: held.sequence(),
             offered: offered.sequence(),
         });
@@ -239,6 +261,24 @@ mod tests {
         assert_eq!(
             accept_bundle(&west, Some(&held), &empty),
             Err(BundleRefusal::NoRoots)
+        );
+        // An enormous jump (the compromised peer's move) is refused before anything else is
+        // looked at; the largest allowed step is not.
+        for seq in [5 + MAX_SEQUENCE_JUMP + 1, u64::MAX] {
+            let offered = TrustBundle::empty(west.clone(), seq);
+            assert_eq!(
+                accept_bundle(&west, Some(&held), &offered),
+                Err(BundleRefusal::SequenceJump {
+                    held: 5,
+                    offered: seq
+                })
+            );
+        }
+        let edge = TrustBundle::empty(west.clone(), 5 + MAX_SEQUENCE_JUMP);
+        assert_eq!(
+            accept_bundle(&west, Some(&held), &edge),
+            Err(BundleRefusal::NoRoots),
+            "within the bound, only the empty roots refuse it"
         );
     }
 

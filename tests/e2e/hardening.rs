@@ -209,3 +209,118 @@ async fn bad_service_names_from_a_peer_never_break_the_mesh_dns() {
     assert_eq!(found, [a.gateway.addrs().workload]);
     drop(b);
 }
+
+/// `b`'s gateway (compromised) pushes a bundle to `a` over the real tunnel; the ack.
+async fn push_as(
+    b: &crate::federation_support::Member,
+    a: &crate::federation_support::Member,
+    bundle: &meshgate_identity::TrustBundle,
+) -> serde_json::Value {
+    let req = http::Request::post(format!(
+        "https://{}{}",
+        a.td,
+        meshgate_federation::control::BUNDLE_PATH
+    ))
+    .body(Bytes::from(bundle.to_spiffe_json()))
+    .unwrap();
+    let resp = b
+        .gateway
+        .control_client()
+        .send(a.gateway.addrs().tunnel, &a.td, req)
+        .await
+        .unwrap();
+    serde_json::from_slice(resp.body()).unwrap()
+}
+
+/// A bundle for `b`'s trust domain with the roots and keys of `parts`, and `sequence`.
+fn forged_bundle(
+    b: &crate::federation_support::Member,
+    parts: &[meshgate_identity::TrustBundle],
+    sequence: u64,
+) -> meshgate_identity::TrustBundle {
+    meshgate_identity::TrustBundle::new(
+        b.td.clone(),
+        parts.iter().flat_map(|p| p.x509_roots().to_vec()).collect(),
+        parts.iter().flat_map(|p| p.jwt_keys().clone().into_iter()),
+        sequence,
+        None,
+    )
+    .unwrap()
+}
+
+/// A compromised peer gateway pushes its trust domain's bundle with an enormous
+/// `spiffe_sequence` (so the genuine peer could never update it again): refused. One that
+/// slips in within the bound, with a rogue root, is undone by the operator's `federation
+/// add`, after which the genuine peer's rotations are taken again. Accepted bundles are
+/// admin events in the decision log, naming the peer gateway.
+#[tokio::test]
+async fn a_peer_bundle_cannot_outlive_the_operator() {
+    use crate::federation_support::{Member, MemberSpec, link_pair};
+    let a = Member::start(MemberSpec::new("a", vec![])).await;
+    let b = Member::start(MemberSpec::new("b", vec![])).await;
+    link_pair(&a, 0, &b, 0);
+    let held = |a: &Member| a.bundles.get(&b.td).unwrap();
+    let start = held(&a).sequence();
+
+    let huge = forged_bundle(&b, &[b.issuer.bundle()], u64::MAX - 1);
+    let ack = push_as(&b, &a, &huge).await;
+    assert_eq!(ack["accepted"], false, "{ack}");
+    assert!(
+        ack["reason"].as_str().unwrap().contains("jumps more than"),
+        "{ack}"
+    );
+    assert_eq!(held(&a).sequence(), start);
+
+    // Within the bound, with a root of the attacker's added: taken (a peer may rotate)...
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let rogue = meshgate_identity::Issuer::init(
+        &db,
+        dir.path(),
+        b.td.clone(),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let slipped = forged_bundle(&b, &[b.issuer.bundle(), rogue.bundle()], start + 1000);
+    assert_eq!(push_as(&b, &a, &slipped).await["accepted"], true);
+    let rogue_root = rogue.bundle().x509_roots()[0].clone();
+    assert!(held(&a).x509_roots().contains(&rogue_root));
+    // ...and the genuine peer's next rotation is now "older".
+    let prepared = b
+        .issuer
+        .rotate_prepare(std::time::SystemTime::now())
+        .unwrap();
+    let genuine = b.issuer.bundle();
+    assert_eq!(genuine.sequence(), prepared.sequence);
+    assert_eq!(push_as(&b, &a, &genuine).await["accepted"], false);
+
+    // The operator adds the link again with the genuine bundle: it is authoritative.
+    a.fed
+        .add_link(b.link(0), std::time::SystemTime::now())
+        .unwrap();
+    assert_eq!(held(&a).sequence(), genuine.sequence());
+    assert!(!held(&a).x509_roots().contains(&rogue_root));
+    b.issuer
+        .rotate_activate(std::time::SystemTime::now())
+        .unwrap();
+    let next = b.issuer.bundle();
+    assert_eq!(push_as(&b, &a, &next).await["accepted"], true);
+    assert_eq!(held(&a).sequence(), next.sequence());
+
+    // Each accepted bundle is an admin event naming the peer gateway; the refusal is not.
+    let records = a.log.query(&meshgate_policy::Filter::default()).unwrap();
+    let accepted: Vec<&str> = records
+        .iter()
+        .filter(|r| r.decision.as_str() == "admin")
+        .filter(|r| r.principal == "spiffe://b.example/meshgate/gateway")
+        .map(|r| r.action.as_str())
+        .collect();
+    assert_eq!(accepted.len(), 2, "{accepted:?}");
+    assert!(
+        accepted[0].contains(&format!(
+            "accepted: sequence {} (held {start})",
+            start + 1000
+        )),
+        "{accepted:?}"
+    );
+}
