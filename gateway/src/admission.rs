@@ -423,6 +423,39 @@ impl Admission {
         outcome.map(Permit)
     }
 
+    /// Records a request the HTTP layer refused before the gateway could read it (ambiguous
+    /// framing, a malformed request line or header, headers over the limit): hyper answered
+    /// it (400, 431) and closed the connection; the record says who, when and why.
+    pub(crate) async fn record_unreadable(
+        &self,
+        caller: Option<&SpiffeId>,
+        status: StatusCode,
+        reason: String,
+    ) {
+        let (mut head, ()) = http::Request::new(()).into_parts();
+        let meta = RequestMeta::new(&mut head.headers);
+        let mut facts = self.facts(
+            Hop::Workload,
+            &head,
+            String::from("unknown"),
+            Default::default(),
+            SystemTime::now(),
+        );
+        facts.method = String::new();
+        facts.raw_path = String::new();
+        if let Some(id) = caller {
+            facts.caller = id.to_string();
+        }
+        let decided = self.refuse(
+            &meta,
+            Hop::Workload,
+            facts,
+            Unfit::new(status, "deny", reason),
+        );
+        // A log failure is counted and logged by `record`; the client already has its answer.
+        let _ = self.record(decided).await;
+    }
+
     /// Records a failure after admission (no gateway of the destination reachable) and
     /// returns its refusal.
     pub(crate) async fn fail(

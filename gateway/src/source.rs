@@ -163,18 +163,45 @@ where
         Auth::None => ctx.limits.header_read_timeout,
         _ => std::time::Duration::MAX,
     };
-    let service = hyper::service::service_fn(move |req| {
+    let caller = match &auth {
+        Auth::Svid(id) => Some(id.clone()),
+        _ => None,
+    };
+    let service = {
         let ctx = ctx.clone();
-        let auth = auth.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, req, &auth).await) }
-    });
+        hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            let auth = auth.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, req, &auth).await) }
+        })
+    };
     let conn = builder.serve_connection_with_upgrades(io, service);
     match tokio::time::timeout(deadline, conn).await {
         Ok(Err(e)) => {
-            tracing::debug!(peer = %remote, error = %e, "workload connection ended with an error")
+            tracing::debug!(peer = %remote, error = %e, "workload connection ended with an error");
+            // Refused by hyper before a request existed: recorded like any refusal.
+            if let Some(status) = unreadable_status(e.as_ref()) {
+                let reason = format!("request refused by the HTTP layer: {e}");
+                ctx.admission
+                    .record_unreadable(caller.as_ref(), status, reason)
+                    .await;
+            }
         }
         Ok(Ok(())) => {}
         Err(_) => tracing::debug!(peer = %remote, "unauthenticated connection closed"),
+    }
+}
+
+/// The status hyper answered a request it could not parse with, if that is why the
+/// connection ended (not a timeout, a reset or an I/O error).
+fn unreadable_status(e: &(dyn std::error::Error + 'static)) -> Option<http::StatusCode> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if e.is_parse_too_large() {
+        Some(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    } else if e.is_parse() {
+        Some(http::StatusCode::BAD_REQUEST)
+    } else {
+        None
     }
 }
 

@@ -324,3 +324,56 @@ async fn a_peer_bundle_cannot_outlive_the_operator() {
         "{accepted:?}"
     );
 }
+
+/// Requests the HTTP layer refuses before the gateway sees them (conflicting
+/// `Content-Length`s, a bad `Transfer-Encoding`, oversized headers) are answered 400/431 by
+/// hyper; each refusal is now in the decision log too, with its reason.
+#[tokio::test]
+async fn framing_refusals_by_the_http_layer_are_recorded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (east, _west) = east_west().await;
+    let addr = east.gateway.addrs().workload_local.unwrap();
+    let big = "x".repeat(128 * 1024);
+    let cases = [
+        "POST /v1 HTTP/1.1\r\nhost: orders.shop.west.mesh\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".to_owned(),
+        "POST /v1 HTTP/1.1\r\nhost: orders.shop.west.mesh\r\ntransfer-encoding: chunked, gzip\r\n\r\n".to_owned(),
+        format!("GET /v1 HTTP/1.1\r\nhost: orders.shop.west.mesh\r\nx-big: {big}\r\n\r\n"),
+    ];
+    let before = east
+        .log
+        .query(&meshgate_policy::Filter::default())
+        .unwrap()
+        .len();
+    let mut statuses = Vec::new();
+    for raw in &cases {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may answer and close before it has read everything we send.
+        let _ = tcp.write_all(raw.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        statuses.push(answer.lines().next().unwrap_or_default().to_owned());
+    }
+    assert!(statuses[0].starts_with("HTTP/1.1 400"), "{statuses:?}");
+    assert!(statuses[1].starts_with("HTTP/1.1 400"), "{statuses:?}");
+    assert!(statuses[2].starts_with("HTTP/1.1 431"), "{statuses:?}");
+    // Recorded after hyper answered: poll until all three are in.
+    crate::federation_support::eventually("three framing refusals recorded", || {
+        let records = east.log.query(&meshgate_policy::Filter::default()).unwrap();
+        records[before..]
+            .iter()
+            .filter(|r| {
+                r.errors
+                    .iter()
+                    .any(|e| e.contains("refused by the HTTP layer"))
+            })
+            .count()
+            == 3
+    })
+    .await;
+    let records = east.log.query(&meshgate_policy::Filter::default()).unwrap();
+    // (Each is recorded once its connection closed: in any order.)
+    let mut codes: Vec<Option<u16>> = records[before..].iter().map(|r| r.status).collect();
+    codes.sort();
+    assert_eq!(codes, [Some(400), Some(400), Some(431)]);
+}

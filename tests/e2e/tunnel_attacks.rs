@@ -316,3 +316,27 @@ async fn control_requests_share_the_tunnel_without_breaking_it() {
             .contains("meshgate_quic_connections 1")
     );
 }
+
+/// A peer gateway names destinations of its choosing in `:authority`. Only a name West
+/// resolved to one of its services becomes a metric label; anything else is `unknown`, so a
+/// peer cannot grow West's `/metrics` without bound.
+#[tokio::test]
+async fn a_peers_authority_never_becomes_a_metric_label_unchecked() {
+    let (east, west) = east_west().await;
+    let mut send = h3_to(&west, &east, &gateway_svid(&east)).await.unwrap();
+    for i in 0..20 {
+        let req = http::Request::get(format!("https://junk{i}.shop.west/v1"))
+            .body(())
+            .unwrap();
+        let mut stream = send.send_request(req).await.unwrap();
+        stream.finish().await.unwrap();
+        let resp = stream.recv_response().await.unwrap();
+        assert_eq!(resp.status(), 404);
+    }
+    let metrics = west.gateway.metrics().encode();
+    assert!(!metrics.contains("junk"), "{metrics}");
+    assert!(
+        metrics.contains(r#"destination="unknown""#),
+        "the refusals are counted: {metrics}"
+    );
+}
