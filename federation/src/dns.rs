@@ -49,13 +49,7 @@ impl MeshDns {
         let dns = |e: &dyn std::fmt::Display| FederationError::Dns(e.to_string());
         let origin = Name::from_ascii(format!("{}.", zone.trim_end_matches('.')))
             .map_err(|e| dns(&format!("zone `{zone}`: {e}")))?;
-        let udp = UdpSocket::bind(bind)
-            .await
-            .map_err(|e| dns(&format!("cannot listen on `{bind}` (udp): {e}")))?;
-        let addr = udp.local_addr().map_err(|e| dns(&e))?;
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|e| dns(&format!("cannot listen on `{addr}` (tcp): {e}")))?;
+        let (udp, tcp, addr) = bind_both(bind).await?;
 
         let live = Arc::new(Zone::empty(
             origin.clone(),
@@ -107,6 +101,27 @@ impl Drop for MeshDns {
             t.abort();
         }
     }
+}
+
+/// UDP and TCP sockets on the same port. With port 0 the UDP socket picks the port, and
+/// another process may hold that port for TCP: then another port is tried.
+async fn bind_both(
+    bind: SocketAddr,
+) -> Result<(UdpSocket, TcpListener, SocketAddr), FederationError> {
+    let dns = |e: String| FederationError::Dns(e);
+    let attempts = if bind.port() == 0 { 16 } else { 1 };
+    let mut last = String::new();
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(bind)
+            .await
+            .map_err(|e| dns(format!("cannot listen on `{bind}` (udp): {e}")))?;
+        let addr = udp.local_addr().map_err(|e| dns(e.to_string()))?;
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp, addr)),
+            Err(e) => last = format!("cannot listen on `{addr}` (tcp): {e}"),
+        }
+    }
+    Err(dns(last))
 }
 
 /// Replaces the zone's records with those of `names`, atomically for readers.
