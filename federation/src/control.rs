@@ -79,7 +79,44 @@ pub struct CheckpointsDoc {
     pub checkpoints: Vec<Checkpoint>,
 }
 
+/// Largest `POST /.meshgate/v1/checkpoints` body: a push carries one head (~400 bytes).
+pub const MAX_CHECKPOINTS_BODY: usize = 64 * 1024;
+
 impl Federation {
+    /// Whether the peer gateway `peer` may send `method path`, and the largest body it may
+    /// carry; asked before the body is read, so an unlinked peer or an unknown path costs
+    /// nothing and each document has its own bound.
+    pub fn control_admit(
+        &self,
+        peer: &SpiffeId,
+        method: &Method,
+        path: &str,
+    ) -> Result<usize, (StatusCode, String)> {
+        let td = peer.trust_domain();
+        if *peer != SpiffeId::gateway(td) || !self.is_linked(td) {
+            tracing::warn!(peer = %peer, path, "control request from an unlinked peer refused");
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("`{td}` is not a federation peer of this cluster"),
+            ));
+        }
+        match (method, path) {
+            (&Method::POST, BUNDLE_PATH) => Ok(meshgate_identity::MAX_BUNDLE_BYTES),
+            (&Method::POST, CHECKPOINTS_PATH) => Ok(MAX_CHECKPOINTS_BODY),
+            (
+                &Method::GET,
+                BUNDLE_PATH | SERVICES_PATH | ENDPOINTS_PATH | CHECKPOINTS_PATH | WITNESSED_PATH,
+            ) => Ok(0),
+            (_, path) => Err((
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no control path `{}`",
+                    path.chars().take(128).collect::<String>()
+                ),
+            )),
+        }
+    }
+
     /// Answers one control request from the authenticated peer gateway `peer`.
     pub async fn handle_control(
         &self,

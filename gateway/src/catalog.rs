@@ -48,6 +48,16 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
 
 /// Serves `/.meshgate/` control requests from peer gateways (bundles, catalog, checkpoints).
 pub trait ControlHandler: Send + Sync + std::fmt::Debug {
+    /// Whether the peer gateway `peer` may send `method path` at all, and the largest body
+    /// that request may carry; asked before a byte of the body is read. `Err` answers at
+    /// once with that status and message (an unlinked peer, an unknown path).
+    fn admit(
+        &self,
+        peer: &SpiffeId,
+        method: &http::Method,
+        path: &str,
+    ) -> Result<usize, (http::StatusCode, String)>;
+
     /// Answers one control request from the authenticated peer gateway `peer`.
     fn handle(
         &self,

@@ -284,6 +284,12 @@ pub struct Limits {
     /// broken stream or a 502/503/504 answer, each to the next gateway), within the retry
     /// budget. Local services use their own `retries`.
     pub remote_retries: u32,
+    /// Time a peer gateway has to send a whole `/.meshgate/` control request body.
+    #[serde(deserialize_with = "de_duration")]
+    pub control_read_timeout: Duration,
+    /// Control requests one peer trust domain may have in progress at once (over all its
+    /// connections); more are answered 503 at once.
+    pub max_control_requests_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -299,6 +305,8 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(10),
             tunnel_timeout: Duration::from_secs(30),
             remote_retries: 2,
+            control_read_timeout: Duration::from_secs(10),
+            max_control_requests_per_peer: 8,
         }
     }
 }

@@ -306,6 +306,7 @@ impl Gateway {
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             in_flight: in_flight.clone(),
+            control_slots: Default::default(),
         });
 
         let mut accept_tasks = vec![

@@ -1,12 +1,14 @@
 //! The destination side: requests from peer gateways over the QUIC tunnel, each on its own
 //! HTTP/3 stream, admitted here and forwarded to a local service.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use meshgate_identity::{SpiffeId, TrustDomain};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::{Admission, Ask, Hop, Now, RequestMeta, Target, Unfit};
 use crate::body::{self, GatewayBody, H3Body};
@@ -25,8 +27,8 @@ use crate::upstream::LocalServices;
 
 type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
-/// Largest control request body from a peer (`/.meshgate/`).
-const MAX_CONTROL_BODY: usize = 4 * 1024 * 1024;
+/// Peer trust domains with a control-request counter; past it, idle counters are dropped.
+const MAX_CONTROL_PEERS: usize = 4096;
 
 /// What the tunnel listener needs.
 #[derive(Debug)]
@@ -42,6 +44,29 @@ pub(crate) struct Inbound {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub in_flight: Arc<InFlight>,
+    /// Control requests in progress per peer trust domain.
+    pub control_slots: ControlSlots,
+}
+
+/// Bounds the control requests each peer trust domain has in progress.
+#[derive(Debug, Default)]
+pub(crate) struct ControlSlots(std::sync::Mutex<HashMap<TrustDomain, Arc<Semaphore>>>);
+
+impl ControlSlots {
+    /// A slot for one control request of `td`, if fewer than `max` are in progress.
+    fn try_take(&self, td: &TrustDomain, max: usize) -> Option<OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= MAX_CONTROL_PEERS && !map.contains_key(td) {
+                // Only counters nobody holds a slot of.
+                map.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            map.entry(td.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(max)))
+                .clone()
+        };
+        semaphore.try_acquire_owned().ok()
+    }
 }
 
 /// One authenticated peer connection.
@@ -282,38 +307,62 @@ fn header<'a>(head: &'a http::request::Parts, name: &str) -> Option<&'a str> {
     head.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// One `/.meshgate/` control request: bounded before anything is read (a slot of the
+/// peer's, the handler's admission of peer and path with the largest body it takes), then
+/// the body read within `limits.control_read_timeout` and handed to the handler.
 async fn control(ctx: &Inbound, peer: &Peer, req: Request<()>, stream: ServerStream) {
     let (mut send, recv) = stream.split();
-    let mut body = H3Body::new(recv);
-    let mut bytes = Vec::new();
-    let mut too_large = false;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(chunk) = frame.into_data() {
-                    if bytes.len() + chunk.len() > MAX_CONTROL_BODY {
-                        too_large = true;
-                        break;
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
+    let refuse = |status: StatusCode, message: &str| {
+        let body = json_error(message);
+        Response::builder().status(status).body(Bytes::from(body))
+    };
+    let response = 'answer: {
+        let Some(_slot) = ctx.control_slots.try_take(
+            peer.id.trust_domain(),
+            ctx.limits.max_control_requests_per_peer,
+        ) else {
+            tracing::warn!(peer = %peer.id, "too many control requests from the peer; refused");
+            break 'answer refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many control requests in progress from this peer",
+            );
+        };
+        let Some(handler) = &ctx.control else {
+            break 'answer refuse(StatusCode::NOT_FOUND, "no control handler");
+        };
+        let limit = match handler.admit(&peer.id, req.method(), req.uri().path()) {
+            Ok(limit) => limit,
+            Err((status, message)) => break 'answer refuse(status, &message),
+        };
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            break 'answer refuse(StatusCode::PAYLOAD_TOO_LARGE, "control body too large");
+        }
+        let read = read_limited(H3Body::new(recv), limit);
+        let bytes = match tokio::time::timeout(ctx.limits.control_read_timeout, read).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(ReadError::TooLarge)) => {
+                break 'answer refuse(StatusCode::PAYLOAD_TOO_LARGE, "control body too large");
             }
-            Err(e) => {
+            Ok(Err(ReadError::Failed(e))) => {
                 tracing::debug!(peer = %peer.id, error = %e, "control request body failed");
                 return;
             }
-        }
-    }
-    let response = match (&ctx.control, too_large) {
-        (_, true) => Response::builder()
-            .status(StatusCode::PAYLOAD_TOO_LARGE)
-            .body(Bytes::from_static(b"control body too large")),
-        (Some(handler), false) => Ok(handler
+            Err(_) => {
+                tracing::warn!(peer = %peer.id, "control request body not sent in time; refused");
+                break 'answer refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "control request body not sent in time",
+                );
+            }
+        };
+        Ok(handler
             .handle(&peer.id, req.map(|()| Bytes::from(bytes)))
-            .await),
-        (None, false) => Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Bytes::from_static(b"no control handler")),
+            .await)
     };
     let Ok(response) = response else { return };
     let (parts, bytes) = response.into_parts();
@@ -324,4 +373,40 @@ async fn control(ctx: &Inbound, peer: &Peer, req: Request<()>, stream: ServerStr
     {
         let _ = body::body_to_h3(body::full(bytes), &mut send).await;
     }
+}
+
+enum ReadError {
+    TooLarge,
+    Failed(body::BoxError),
+}
+
+/// A body's bytes, refusing it as soon as it passes `limit`.
+async fn read_limited<B>(mut body: B, limit: usize) -> Result<Vec<u8>, ReadError>
+where
+    B: hyper::body::Body<Data = Bytes, Error = body::BoxError> + Unpin,
+{
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Failed)?;
+        if let Ok(chunk) = frame.into_data() {
+            if bytes.len() + chunk.len() > limit {
+                return Err(ReadError::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    Ok(bytes)
+}
+
+/// `{"error": message}`, as the control handler answers.
+fn json_error(message: &str) -> String {
+    let escaped: String = message
+        .chars()
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            c if c.is_control() => Vec::new(),
+            c => vec![c],
+        })
+        .collect();
+    format!("{{\"error\":\"{escaped}\"}}")
 }

@@ -46,6 +46,15 @@ impl Catalog for FederatedCatalog {
 }
 
 impl ControlHandler for FederatedCatalog {
+    fn admit(
+        &self,
+        peer: &SpiffeId,
+        method: &http::Method,
+        path: &str,
+    ) -> Result<usize, (http::StatusCode, String)> {
+        self.0.control_admit(peer, method, path)
+    }
+
     fn handle(
         &self,
         peer: &SpiffeId,

@@ -69,6 +69,7 @@ pub struct MemberSpec {
     pub autostart: bool,
     pub dns: bool,
     pub options: FederationOptions,
+    pub limits: Limits,
 }
 
 impl MemberSpec {
@@ -79,6 +80,10 @@ impl MemberSpec {
             autostart: false,
             dns: false,
             options: fast_options(),
+            limits: Limits {
+                drain_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
         }
     }
 }
@@ -160,10 +165,7 @@ impl Member {
             services: spec.services,
             peers: vec![],
             routes: BTreeMap::new(),
-            limits: Limits {
-                drain_timeout: Duration::from_secs(2),
-                ..Limits::default()
-            },
+            limits: spec.limits,
             identity: Default::default(),
             audit: Default::default(),
             runtime: Default::default(),

@@ -377,3 +377,176 @@ async fn framing_refusals_by_the_http_layer_are_recorded() {
     codes.sort();
     assert_eq!(codes, [Some(400), Some(400), Some(431)]);
 }
+
+type H3Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// `b`'s gateway opens a control request to `a` over the real tunnel and sends `body`
+/// without finishing it (unless `finish`): the stream, to read the answer from.
+async fn control_request(
+    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    a: &crate::federation_support::Member,
+    path: &str,
+    body: Bytes,
+    finish: bool,
+) -> H3Stream {
+    let req = http::Request::post(format!("https://{}{path}", a.td))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.send_data(body).await.unwrap();
+    if finish {
+        stream.finish().await.unwrap();
+    }
+    stream
+}
+
+/// The answer's status and body, failing (not hanging) if none comes.
+async fn answer(stream: &mut H3Stream) -> (u16, String) {
+    use bytes::Buf;
+    let wait = std::time::Duration::from_secs(60);
+    let resp = tokio::time::timeout(wait, stream.recv_response())
+        .await
+        .expect("an answer before the body is complete")
+        .unwrap();
+    let mut body = Vec::new();
+    while let Ok(Ok(Some(mut chunk))) = tokio::time::timeout(wait, stream.recv_data()).await {
+        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    (
+        resp.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn gateway_svid_of(m: &crate::federation_support::Member) -> meshgate_identity::X509Svid {
+    m.issuer
+        .issue_x509_svid(
+            &meshgate_identity::SpiffeId::gateway(&m.td),
+            std::time::Duration::from_secs(600),
+            &[],
+            &[],
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+}
+
+/// A peer gateway opens control requests and never finishes their bodies, sends bodies
+/// larger than the document can be, and names paths that do not exist. Each is answered
+/// before (or without) the body being read: unknown path 404 at once, over the document's
+/// bound 413, a body not sent within `limits.control_read_timeout` 408.
+#[tokio::test]
+async fn control_requests_are_bounded_before_their_bodies() {
+    use crate::federation_support::{Member, MemberSpec, link_pair};
+    let mut spec = MemberSpec::new("a", vec![]);
+    spec.limits.control_read_timeout = std::time::Duration::from_secs(1);
+    let a = Member::start(spec).await;
+    let b = Member::start(MemberSpec::new("b", vec![])).await;
+    link_pair(&a, 0, &b, 0);
+    let mut send = crate::tunnel_attacks::h3_client(
+        a.gateway.addrs().tunnel,
+        &a.td,
+        &b.bundles,
+        &gateway_svid_of(&b),
+    )
+    .await
+    .unwrap();
+
+    // An unknown path: refused before a byte of its (endless) body is read.
+    let mut s = control_request(
+        &mut send,
+        &a,
+        "/.meshgate/v1/nothing",
+        Bytes::from_static(b"x"),
+        false,
+    )
+    .await;
+    let (status, body) = answer(&mut s).await;
+    assert_eq!(status, 404, "{body}");
+
+    // A bundle push over the bundle bound (1 MiB): 413 while it is still being sent.
+    let big = Bytes::from(vec![b' '; meshgate_identity::MAX_BUNDLE_BYTES + 1]);
+    let mut s = control_request(
+        &mut send,
+        &a,
+        meshgate_federation::control::BUNDLE_PATH,
+        big,
+        false,
+    )
+    .await;
+    let (status, body) = answer(&mut s).await;
+    assert_eq!(status, 413, "{body}");
+    // Checkpoints have their own, smaller bound.
+    let heads = Bytes::from(vec![
+        b' ';
+        meshgate_federation::control::MAX_CHECKPOINTS_BODY + 1
+    ]);
+    let mut s = control_request(&mut send, &a, "/.meshgate/v1/checkpoints", heads, true).await;
+    let (status, body) = answer(&mut s).await;
+    assert_eq!(status, 413, "{body}");
+
+    // A body that never ends: 408 once the read deadline has passed.
+    let mut s = control_request(
+        &mut send,
+        &a,
+        "/.meshgate/v1/checkpoints",
+        Bytes::from_static(b"{"),
+        false,
+    )
+    .await;
+    let (status, body) = answer(&mut s).await;
+    assert_eq!(status, 408, "{body}");
+
+    // The connection still serves a proper request.
+    let ok = control_request(
+        &mut send,
+        &a,
+        meshgate_federation::control::BUNDLE_PATH,
+        Bytes::from(b.issuer.bundle().to_spiffe_json()),
+        true,
+    )
+    .await;
+    let mut ok = ok;
+    let (status, body) = answer(&mut ok).await;
+    assert!(status == 200 || status == 409, "{status} {body}");
+}
+
+/// A peer gateway holds many control requests open at once: past
+/// `limits.max_control_requests_per_peer`, more are answered 503 at once.
+#[tokio::test]
+async fn a_peer_cannot_hold_more_control_requests_than_its_share() {
+    use crate::federation_support::{Member, MemberSpec, link_pair};
+    let mut spec = MemberSpec::new("a", vec![]);
+    spec.limits.control_read_timeout = std::time::Duration::from_secs(120);
+    spec.limits.max_control_requests_per_peer = 3;
+    let a = Member::start(spec).await;
+    let b = Member::start(MemberSpec::new("b", vec![])).await;
+    link_pair(&a, 0, &b, 0);
+    let mut send = crate::tunnel_attacks::h3_client(
+        a.gateway.addrs().tunnel,
+        &a.td,
+        &b.bundles,
+        &gateway_svid_of(&b),
+    )
+    .await
+    .unwrap();
+    // Four stalled requests: three hold the peer's slots until the (long) deadline, the
+    // fourth is refused at once, whichever of them the gateway took last.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    for _ in 0..4 {
+        let mut s = control_request(
+            &mut send,
+            &a,
+            "/.meshgate/v1/checkpoints",
+            Bytes::from_static(b"{"),
+            false,
+        )
+        .await;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(answer(&mut s).await).await;
+        });
+    }
+    let (status, body) = rx.recv().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too many control requests"), "{body}");
+}

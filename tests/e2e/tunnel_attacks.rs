@@ -17,9 +17,26 @@ async fn h3_to(
     trusting: &Cluster,
     svid: &X509Svid,
 ) -> Result<h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>, String> {
+    h3_client(
+        west.gateway.addrs().tunnel,
+        &west.td,
+        &trusting.bundles,
+        svid,
+    )
+    .await
+}
+
+/// A raw HTTP/3 client to the gateway of `td` at `addr`, verified with `bundles`,
+/// presenting `svid`.
+pub async fn h3_client(
+    addr: std::net::SocketAddr,
+    td: &meshgate_identity::TrustDomain,
+    bundles: &meshgate_identity::BundleSet,
+    svid: &X509Svid,
+) -> Result<h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>, String> {
     let verifier = SpiffeServerVerifier::new(
-        trusting.bundles.clone(),
-        PeerAuthorizer::Exact(SpiffeId::gateway(&west.td)),
+        bundles.clone(),
+        PeerAuthorizer::Exact(SpiffeId::gateway(td)),
     );
     let mut tls = rustls::ClientConfig::builder_with_provider(meshgate_identity::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -36,7 +53,7 @@ async fn h3_to(
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = endpoint
-        .connect(west.gateway.addrs().tunnel, "gateway.meshgate.invalid")
+        .connect(addr, "gateway.meshgate.invalid")
         .unwrap()
         .await
         .map_err(|e| e.to_string())?;
