@@ -321,6 +321,7 @@ impl Gateway {
                 Arc::new(admin::AdminParts {
                     metrics: metrics.clone(),
                     admission,
+                    limits: config.limits.clone(),
                 }),
                 admin_listener,
             )),

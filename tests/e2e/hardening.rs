@@ -550,3 +550,78 @@ async fn a_peer_cannot_hold_more_control_requests_than_its_share() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("too many control requests"), "{body}");
 }
+
+/// Reads from `tcp` until the gateway closes it (or sends something): what it sent.
+async fn until_closed(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tcp.read_to_end(&mut got),
+    );
+    let _ = read.await.expect("the gateway closes the connection");
+    got
+}
+
+/// The `/metrics` listener under a slowloris (a request head that never ends) and a
+/// connection flood: the slow connection is closed after `limits.header_read_timeout`,
+/// connections past `limits.max_connections` are closed at once, and `/metrics` answers
+/// again as soon as the flood lets go.
+#[tokio::test]
+async fn the_metrics_listener_is_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let spec = |name| Spec {
+        name,
+        policies: "",
+        services: vec![],
+        default_quota: None,
+    };
+    let slow = Cluster::start_with(spec("east"), |c| {
+        c.limits.header_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(slow.gateway.addrs().admin)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let got = until_closed(&mut tcp).await;
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    let flooded = Cluster::start_with(spec("west"), |c| c.limits.max_connections = 3).await;
+    let admin = flooded.gateway.addrs().admin;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Accepted in order: the fourth finds no slot and is closed without an answer.
+    let mut extra = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    assert!(until_closed(&mut extra).await.is_empty());
+    drop(held);
+    let get = || async {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        Some(until_closed(&mut tcp).await)
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if get().await.is_some_and(|r| r.starts_with(b"HTTP/1.1 200")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/metrics never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
