@@ -4,11 +4,11 @@
 //! in one process.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use meshgate_federation::{Federation, MeshDns};
 use meshgate_gateway::{BoundAddrs, Gateway, GatewayConfig, GatewayParts, ResetSecret};
-use meshgate_identity::{BundleSet, Issuer, SpiffeId, SvidCertResolver};
+use meshgate_identity::{BundleSet, Issuer, ListenerCert, SpiffeId, SvidCertResolver};
 use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter, QuotaSpec};
 
 use crate::admin::{self, AdminContext, AdminServer, Registry};
@@ -184,20 +184,27 @@ async fn serve_issuer(
     addr: std::net::SocketAddr,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> CliResult<std::net::SocketAddr> {
-    let svid = issuer
-        .issue_x509_svid(
-            &SpiffeId::gateway(issuer.trust_domain()),
-            Duration::from_secs(24 * 3600),
-            &config.listeners.dns_names,
-            &config.listeners.ip_addrs,
-            SystemTime::now(),
-        )
-        .internal_err()?;
+    // The listener certificate lives and is renewed like the gateway's own SVID.
+    let cert = ListenerCert {
+        id: SpiffeId::gateway(issuer.trust_domain()),
+        dns_names: config.listeners.dns_names.clone(),
+        ips: config.listeners.ip_addrs.clone(),
+        ttl: config.identity.svid_ttl,
+    };
+    let svid = cert.issue(issuer, SystemTime::now()).internal_err()?;
     let resolver = Arc::new(SvidCertResolver::new(&svid).internal_err()?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .internal_ctx(|| format!("cannot listen on `{addr}` (issuer)"))?;
     let bound = listener.local_addr().internal_err()?;
+    let renewal = cert.keep_renewed(issuer.clone(), resolver.clone());
+    let mut renewal_stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = renewal => {}
+            _ = renewal_stop.wait_for(|s| *s) => {}
+        }
+    });
     tokio::spawn(meshgate_identity::serve_issuer_api(
         listener,
         issuer.clone(),

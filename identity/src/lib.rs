@@ -24,7 +24,7 @@ mod x509;
 
 pub use api::agent;
 pub use api::client::{IssuerClient, IssuerClientError};
-pub use api::server::{SvidCertResolver, serve_issuer_api};
+pub use api::server::{ListenerCert, SvidCertResolver, serve_issuer_api};
 pub use bundle::{
     BundleError, BundleSet, JwtPublicKey, MAX_BUNDLE_BYTES, MAX_BUNDLE_KEYS, TrustBundle,
 };

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Subcommand, ValueEnum};
 use meshgate_identity::agent::{Agent, AgentConfig, AgentError};
 use meshgate_identity::{
-    Issuer, IssuerError, RegistrationEntry, SpiffeId, SvidCertResolver, TrustBundle, TrustDomain,
-    serve_issuer_api, write_atomic,
+    Issuer, IssuerError, ListenerCert, RegistrationEntry, SpiffeId, SvidCertResolver, TrustBundle,
+    TrustDomain, serve_issuer_api, write_atomic,
 };
 use serde_json::json;
 
@@ -489,16 +489,13 @@ fn serve(
 ) -> CliResult<()> {
     let (_st, issuer) = open(state)?;
     let issuer = Arc::new(issuer);
-    let gateway = SpiffeId::gateway(issuer.trust_domain());
-    let svid = issuer
-        .issue_x509_svid(
-            &gateway,
-            SERVE_CERT_TTL,
-            &dns_names,
-            &ips,
-            SystemTime::now(),
-        )
-        .map_err(issuer_err)?;
+    let cert = ListenerCert {
+        id: SpiffeId::gateway(issuer.trust_domain()),
+        dns_names,
+        ips,
+        ttl: SERVE_CERT_TTL,
+    };
+    let svid = cert.issue(&issuer, SystemTime::now()).map_err(issuer_err)?;
     let resolver = Arc::new(SvidCertResolver::new(&svid).internal_err()?);
     block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -508,30 +505,7 @@ fn serve(
         println!("listening on {bound}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let renewer = {
-            let (issuer, resolver) = (issuer.clone(), resolver.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(SERVE_CERT_TTL / 2).await;
-                    match issuer.issue_x509_svid(
-                        &gateway,
-                        SERVE_CERT_TTL,
-                        &dns_names,
-                        &ips,
-                        SystemTime::now(),
-                    ) {
-                        Ok(svid) => {
-                            if let Err(e) = resolver.update(&svid) {
-                                tracing::error!(error = %e, "cannot load the renewed listener certificate");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot renew the listener certificate")
-                        }
-                    }
-                }
-            })
-        };
+        let renewer = tokio::spawn(cert.keep_renewed(issuer.clone(), resolver.clone()));
         let result = serve_issuer_api(listener, issuer, resolver, shutdown_signal()).await;
         renewer.abort();
         result.internal_ctx(|| "issuer API failed")

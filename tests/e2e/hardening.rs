@@ -625,3 +625,98 @@ async fn the_metrics_listener_is_bounded() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The issuer API's TLS certificate of a real `meshgate gateway` process is renewed like
+/// any SVID (here with `identity.svid_ttl = "4s"`): clients verifying it with the bundle
+/// keep connecting after the first certificate has expired. Before, it lived a day and was
+/// never renewed: agents could no longer attest or renew after that.
+#[tokio::test]
+async fn the_issuer_api_certificate_is_renewed() {
+    use crate::procs::{BIN, Proc, free_tcp, free_udp, meshgate, wait_listening};
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("east");
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    meshgate(&[
+        "identity",
+        "init",
+        "--state",
+        &s(&state),
+        "--trust-domain",
+        "east.example",
+    ]);
+    let pem = meshgate(&[
+        "identity",
+        "bundle",
+        "--state",
+        &s(&state),
+        "--format",
+        "pem",
+    ])
+    .stdout;
+    let roots = meshgate_identity::TrustBundle::from_pem_infer(&pem).unwrap();
+    let policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
+    let issuer = free_tcp();
+    let config = format!(
+        r#"cluster = "east"
+trust_domain = "east.example"
+state_dir = "{state}"
+[listeners]
+workload = "{workload}"
+tunnel = "{tunnel}"
+admin = "{admin}"
+issuer = "{issuer}"
+dns_names = ["localhost"]
+[policy]
+dir = "{policies}"
+[identity]
+svid_ttl = "4s"
+"#,
+        state = state.display(),
+        workload = free_tcp(),
+        tunnel = free_udp(),
+        admin = free_tcp(),
+        policies = policies.display(),
+    );
+    std::fs::write(tmp.path().join("east.toml"), config).unwrap();
+    let _gateway = Proc(
+        std::process::Command::new(BIN)
+            .args(["gateway", "--config"])
+            .arg(tmp.path().join("east.toml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(issuer);
+
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots.x509_roots() {
+        store.add(root.clone()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(meshgate_identity::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    // A full handshake, verified with the bundle at the current time: the served leaf.
+    let served = || async {
+        let tcp = tokio::net::TcpStream::connect(issuer).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .expect("the issuer API's certificate verifies");
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    let first = served().await;
+    let first_expired = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut renewed = false;
+    // Every handshake verifies, until the first certificate is certainly expired.
+    while !renewed || std::time::Instant::now() < first_expired {
+        renewed |= served().await != first;
+        assert!(std::time::Instant::now() < deadline, "never renewed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

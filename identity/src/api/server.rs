@@ -62,6 +62,53 @@ impl SvidCertResolver {
     }
 }
 
+/// What a listener certificate is issued for: the ID, its extra SANs, its lifetime.
+#[derive(Debug, Clone)]
+pub struct ListenerCert {
+    /// The SPIFFE ID in the URI SAN (the gateway's).
+    pub id: SpiffeId,
+    /// DNS SANs, for standard clients.
+    pub dns_names: Vec<String>,
+    /// IP SANs, for standard clients.
+    pub ips: Vec<std::net::IpAddr>,
+    /// Lifetime of each certificate.
+    pub ttl: Duration,
+}
+
+impl ListenerCert {
+    /// A fresh certificate from `issuer`.
+    pub fn issue(&self, issuer: &Issuer, now: SystemTime) -> Result<X509Svid, IssuerError> {
+        issuer.issue_x509_svid(&self.id, self.ttl, &self.dns_names, &self.ips, now)
+    }
+
+    /// Keeps `resolver` serving a fresh certificate, like any SVID: a new one at half the
+    /// lifetime of the one served; a failed renewal is retried after a tenth of the lifetime
+    /// (at least a second). Runs until dropped (abort it, or select it against a stop).
+    pub async fn keep_renewed(self, issuer: Arc<Issuer>, resolver: Arc<SvidCertResolver>) {
+        let retry = (self.ttl / 10)
+            .max(Duration::from_secs(1))
+            .min(self.ttl / 2);
+        let mut next = self.ttl / 2;
+        loop {
+            tokio::time::sleep(next).await;
+            let renewed = self
+                .issue(&issuer, SystemTime::now())
+                .map_err(|e| e.to_string())
+                .and_then(|svid| resolver.update(&svid).map_err(|e| e.to_string()));
+            next = match renewed {
+                Ok(()) => {
+                    tracing::debug!(id = %self.id, "listener certificate renewed");
+                    self.ttl / 2
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot renew the listener certificate; retrying");
+                    retry
+                }
+            };
+        }
+    }
+}
+
 impl ResolvesServerCert for SvidCertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
