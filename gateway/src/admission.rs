@@ -25,6 +25,7 @@ use crate::config::ServiceProtocol;
 use crate::dest::Destination;
 use crate::headers;
 use crate::metrics::Metrics;
+use crate::strangers::{Strangers, Verdict, cap_request};
 use crate::upstream::LocalService;
 
 /// Ids that travel with a request: its decision id and W3C trace id.
@@ -34,6 +35,8 @@ pub(crate) struct RequestMeta {
     pub id: String,
     /// The W3C trace id.
     pub trace_id: String,
+    /// The client's address, for requests from workload listeners.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl RequestMeta {
@@ -43,9 +46,13 @@ impl RequestMeta {
         Self {
             trace_id: headers::ensure_traceparent(headers),
             id: headers::new_request_id(),
+            source: None,
         }
     }
 }
+
+/// The caller of a workload request until it is verified.
+const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// The hop a request arrived on, as the listener authenticated it.
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +211,8 @@ pub(crate) struct Admission {
     started: Instant,
     /// The gateway's own SPIFFE ID (the source gateway of local requests).
     id: SpiffeId,
+    /// Per-source budgets of unauthenticated refusal records.
+    strangers: Strangers,
 }
 
 impl Admission {
@@ -224,6 +233,7 @@ impl Admission {
             metrics,
             started: Instant::now(),
             id,
+            strangers: Strangers::default(),
         }
     }
 
@@ -428,12 +438,14 @@ impl Admission {
     /// it (400, 431) and closed the connection; the record says who, when and why.
     pub(crate) async fn record_unreadable(
         &self,
+        source: std::net::IpAddr,
         caller: Option<&SpiffeId>,
         status: StatusCode,
         reason: String,
     ) {
         let (mut head, ()) = http::Request::new(()).into_parts();
-        let meta = RequestMeta::new(&mut head.headers);
+        let mut meta = RequestMeta::new(&mut head.headers);
+        meta.source = Some(source);
         let mut facts = self.facts(
             Hop::Workload,
             &head,
@@ -474,6 +486,7 @@ impl Admission {
         let meta = RequestMeta {
             id: decision_id,
             trace_id,
+            source: None,
         };
         let service = match &target {
             Target::Local(svc) => svc.in_cluster(&self.cluster),
@@ -523,6 +536,18 @@ impl Admission {
                 .unwrap_or_default(),
             evaluation_failed: false,
         };
+        // A stranger (no verified caller yet) can cause these at will: its records are
+        // limited per source address, and what any refusal before Cedar keeps of the request
+        // is capped.
+        let verdict = match (hop, meta.source) {
+            (Hop::Workload, Some(ip)) if facts.caller == UNAUTHENTICATED => {
+                self.strangers.check(ip, facts.time)
+            }
+            _ => Verdict::Record {
+                left_out: 0,
+                since: None,
+            },
+        };
         let mut record = self.record_of(meta, hop, &facts, &decision);
         record.decision = if unfit.label == "error" {
             DecisionKind::Error
@@ -531,6 +556,31 @@ impl Admission {
         };
         record.errors = vec![unfit.reason.clone()];
         record.status = Some(unfit.status.as_u16());
+        if let Some(kept) = record.facts.as_mut() {
+            let mut path = std::mem::take(&mut kept.raw_path);
+            if let Some(note) = cap_request(&mut kept.headers, &mut path) {
+                record.errors.push(note);
+            }
+            record.raw_path = path.clone();
+            kept.raw_path = path;
+        }
+        let (record, decision_id) = match verdict {
+            Verdict::LeaveOut => {
+                self.metrics.refusal_records_left_out.inc();
+                (None, String::new())
+            }
+            Verdict::Record { left_out, since } => {
+                if left_out > 0 {
+                    let since = since.map_or_else(String::new, |t| {
+                        format!(" since {}", meshgate_policy::to_rfc3339(t))
+                    });
+                    record.errors.push(format!(
+                        "{left_out} more unauthenticated refusals from this source{since} were not recorded (per-source record limit)"
+                    ));
+                }
+                (Some(record), meta.id.clone())
+            }
+        };
         let prefix = match unfit.label {
             "unauthenticated" => "unauthenticated: ",
             "unknown_destination" => "unknown destination: ",
@@ -542,9 +592,9 @@ impl Admission {
                 label: unfit.label,
                 message: format!("meshgate: {prefix}{}", unfit.reason),
                 retry_after: None,
-                decision_id: meta.id.clone(),
+                decision_id,
             }),
-            record: Some(record),
+            record,
         }
     }
 
@@ -575,7 +625,7 @@ impl Admission {
         now: SystemTime,
     ) -> RequestFacts {
         let (caller, source_cluster) = match hop {
-            Hop::Workload => ("unauthenticated", self.cluster.clone()),
+            Hop::Workload => (UNAUTHENTICATED, self.cluster.clone()),
             Hop::Peer { cluster, .. } => ("unknown", cluster.unwrap_or_default().to_owned()),
         };
         RequestFacts {

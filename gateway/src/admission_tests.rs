@@ -92,6 +92,7 @@ fn meta() -> RequestMeta {
     RequestMeta {
         id: headers::new_request_id(),
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+        source: None,
     }
 }
 

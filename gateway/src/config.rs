@@ -95,6 +95,11 @@ pub struct AuditSettings {
     /// back, truncated or rewritten): `"warn"` (the default: an error line and
     /// `meshgate_audit_witness_mismatch{peer} 1`), or `"strict"`: also refuse to start.
     pub witness_check: WitnessCheck,
+    /// The most MiB the log's segments may take; 0 (the default) for no budget. Past 80 % a
+    /// warning is logged; at the budget every request is refused (fail closed) until old
+    /// segments are pruned. `/metrics` has `meshgate_audit_disk_bytes` and
+    /// `meshgate_audit_disk_budget_bytes` to alert on.
+    pub max_disk_mib: u64,
 }
 
 /// What a disagreement between our log and a peer's witnessed heads does at start.
@@ -115,6 +120,7 @@ impl Default for AuditSettings {
             sync_interval: Duration::from_millis(10),
             segment_mib: 64,
             witness_check: WitnessCheck::Warn,
+            max_disk_mib: 0,
         }
     }
 }
@@ -126,6 +132,8 @@ impl AuditSettings {
             durability: self.durability,
             sync_interval: self.sync_interval,
             segment_bytes: self.segment_mib.max(1) << 20,
+            max_disk_bytes: (self.max_disk_mib > 0)
+                .then_some(self.max_disk_mib.saturating_mul(1 << 20)),
         }
     }
 }

@@ -180,7 +180,11 @@ impl Gateway {
             config.listeners.ip_addrs.clone(),
             now,
         )?);
-        let metrics = Arc::new(Metrics::with_collectors(collectors));
+        let audit_disk: Box<dyn prometheus_client::collector::Collector> =
+            Box::new(crate::metrics::AuditDisk::new(&log));
+        let metrics = Arc::new(Metrics::with_collectors(
+            collectors.into_iter().chain([audit_disk]).collect(),
+        ));
         metrics.svid_expiry.set(unix(svid.not_after()));
 
         let mut services = LocalServices::default();

@@ -24,6 +24,7 @@ mod lb;
 mod metrics;
 mod respond;
 mod source;
+mod strangers;
 mod svid;
 mod tls;
 mod tunnel;

@@ -1,5 +1,6 @@
 //! Prometheus metrics of one gateway, served on the admin listener's `/metrics`.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -127,6 +128,8 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     /// Failures to write the decision log (requests refused, fail closed).
     pub decision_log_failures: Counter,
+    /// Unauthenticated refusals answered without a record (per-source record limit).
+    pub refusal_records_left_out: Counter,
     /// Unix time at which the gateway's SVID expires.
     pub svid_expiry: Gauge<f64, AtomicU64>,
     /// Upstream failures (connect, timeout, 5xx from the upstream).
@@ -194,6 +197,12 @@ impl Metrics {
             "Failed TLS/QUIC handshakes by reason",
             handshake_failures.clone(),
         );
+        let refusal_records_left_out = Counter::default();
+        registry.register(
+            "refusal_records_left_out",
+            "Unauthenticated refusals answered without a decision record (per-source record limit; the next record of the source counts them)",
+            refusal_records_left_out.clone(),
+        );
         let decision_log_failures = Counter::default();
         registry.register(
             "decision_log_failures",
@@ -247,6 +256,7 @@ impl Metrics {
             quic_streams,
             handshake_failures,
             decision_log_failures,
+            refusal_records_left_out,
             svid_expiry,
             upstream_failures,
         }
@@ -288,6 +298,49 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+}
+
+/// The decision log's disk use on `/metrics`, read at each scrape:
+/// `meshgate_audit_disk_bytes` and `meshgate_audit_disk_budget_bytes` (0: no budget). Alert
+/// on their ratio before it reaches 1, when every request is refused. Holds the log weakly,
+/// so a stopped gateway's metrics do not keep it open.
+#[derive(Debug)]
+pub(crate) struct AuditDisk(std::sync::Weak<meshgate_policy::DecisionLog>);
+
+impl AuditDisk {
+    pub(crate) fn new(log: &Arc<meshgate_policy::DecisionLog>) -> Self {
+        Self(Arc::downgrade(log))
+    }
+}
+
+impl prometheus_client::collector::Collector for AuditDisk {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let Some((used, budget)) = self.0.upgrade().and_then(|log| log.disk_usage()) else {
+            return Ok(());
+        };
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (name, help, value) in [
+            (
+                "audit_disk_bytes",
+                "Bytes the decision log's segments take",
+                used,
+            ),
+            (
+                "audit_disk_budget_bytes",
+                "The decision log's disk budget (audit.max_disk_mib); 0 when none. At it every request is refused",
+                budget.unwrap_or(0),
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&gauge(value))?;
+        }
+        Ok(())
     }
 }
 

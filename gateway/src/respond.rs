@@ -31,7 +31,11 @@ pub(crate) fn refusal(refusal: &Refusal) -> Response<GatewayBody> {
 }
 
 /// Sets `x-meshgate-decision-id`.
+/// An empty id (a refusal left unrecorded by the per-source limit) sets nothing.
 pub fn set_decision_id<B>(resp: &mut Response<B>, id: &str) {
+    if id.is_empty() {
+        return;
+    }
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(DECISION_ID_HEADER, v);
     }

@@ -172,7 +172,7 @@ where
         hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
             let auth = auth.clone();
-            async move { Ok::<_, Infallible>(handle(&ctx, req, &auth).await) }
+            async move { Ok::<_, Infallible>(handle(&ctx, req, &auth, remote).await) }
         })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
@@ -183,7 +183,7 @@ where
             if let Some(status) = unreadable_status(e.as_ref()) {
                 let reason = format!("request refused by the HTTP layer: {e}");
                 ctx.admission
-                    .record_unreadable(caller.as_ref(), status, reason)
+                    .record_unreadable(remote.ip(), caller.as_ref(), status, reason)
                     .await;
             }
         }
@@ -205,11 +205,16 @@ fn unreadable_status(e: &(dyn std::error::Error + 'static)) -> Option<http::Stat
     }
 }
 
-async fn handle(ctx: &Source, req: Request<Incoming>, auth: &Auth) -> Response<GatewayBody> {
+async fn handle(
+    ctx: &Source,
+    req: Request<Incoming>,
+    auth: &Auth,
+    remote: SocketAddr,
+) -> Response<GatewayBody> {
     let started = Instant::now();
     let _in_flight = ctx.in_flight.begin();
     let version = req.version();
-    let (mut response, labels) = exchange(ctx, req, auth).await;
+    let (mut response, labels) = exchange(ctx, req, auth, remote).await;
     // Responses from the tunnel say HTTP/3; the workload gets its own protocol version.
     *response.version_mut() = version;
     tracing::info!(
@@ -231,6 +236,7 @@ async fn exchange(
     ctx: &Source,
     mut req: Request<Incoming>,
     auth: &Auth,
+    remote: SocketAddr,
 ) -> (Response<GatewayBody>, RequestLabels) {
     let now = Now::current();
     // CONNECT: the bytes come from the upgraded connection once we answer 200.
@@ -245,7 +251,8 @@ async fn exchange(
     let bearer = bearer_token(&head.headers);
     // Identity headers never pass the source gateway.
     headers::strip_meshgate(&mut head.headers);
-    let meta = RequestMeta::new(&mut head.headers);
+    let mut meta = RequestMeta::new(&mut head.headers);
+    meta.source = Some(remote.ip());
     let mut clock = Instant::now();
     let mut lap = |stage| {
         let t = Instant::now();

@@ -720,3 +720,137 @@ svid_ttl = "4s"
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A stranger (no client certificate) floods a gateway with requests carrying large
+/// headers. Each is refused (401), but it cannot make the log grow without bound: records of
+/// a source's unauthenticated refusals are limited (a burst of 20, then 2 a second), the
+/// ones left out are counted in the source's next record and on `/metrics`, and what a record
+/// keeps of the request is capped.
+#[tokio::test]
+async fn strangers_cannot_fill_the_log() {
+    let (east, _west) = east_west().await;
+    let stranger = Client::new(&east, None, &[b"http/1.1"]);
+    let pad = "p".repeat(30 * 1024);
+    let before = east
+        .log
+        .query(&meshgate_policy::Filter::default())
+        .unwrap()
+        .len();
+    let started = std::time::Instant::now();
+    let mut without_id = 0;
+    for _ in 0..100 {
+        let req = Request::get("https://orders.shop.west.mesh/v1/orders")
+            .header("x-pad", pad.as_str())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let reply = stranger.send(req).await.unwrap();
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        without_id += usize::from(!reply.headers.contains_key("x-meshgate-decision-id"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let records = east.log.query(&meshgate_policy::Filter::default()).unwrap();
+    let recorded = &records[before..];
+    let allowed = 20.0 + 2.0 * elapsed + 1.0;
+    assert!(
+        (recorded.len() as f64) <= allowed && recorded.len() < 100,
+        "{} records in {elapsed:.1} s",
+        recorded.len()
+    );
+    assert_eq!(
+        without_id,
+        100 - recorded.len(),
+        "unrecorded answers carry no decision id"
+    );
+    for r in recorded {
+        let kept: usize = r.facts.as_ref().map_or(0, |f| {
+            f.headers.iter().map(|(k, v)| k.len() + v.len()).sum()
+        });
+        assert!(kept <= 4096, "{kept} header bytes recorded");
+    }
+    // The next record of this source says how many were left out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let reply = stranger.get("orders.shop.west.mesh", "/v1").await.unwrap();
+        if let Some(id) = reply.headers.get("x-meshgate-decision-id") {
+            let record = crate::support::find_record(&east.log, id.to_str().unwrap()).unwrap();
+            assert!(
+                record
+                    .errors
+                    .iter()
+                    .any(|e| e.contains("more unauthenticated refusals from this source")),
+                "{:?}",
+                record.errors
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never recorded again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        !east
+            .gateway
+            .metrics()
+            .encode()
+            .contains("meshgate_refusal_records_left_out_total 0"),
+    );
+}
+
+/// With `audit.max_disk_mib`, the log's disk use is on `/metrics` (to alert on before it is
+/// reached), and at the budget requests are refused (503) instead of answered unrecorded.
+#[tokio::test]
+async fn the_log_has_a_disk_budget_and_fails_closed_at_it() {
+    let upstream = echo_upstream().await;
+    let spec = Spec {
+        name: "east",
+        policies: r#"
+@id("reads")
+permit (principal, action in Action::"read", resource == Service::"catalog.shop.east");
+"#,
+        services: vec![service("catalog", "shop", upstream, &[])],
+        default_quota: None,
+    };
+    let east = Cluster::start_with(spec, |c| {
+        c.audit.max_disk_mib = 1;
+        c.audit.segment_mib = 1;
+    })
+    .await;
+    let metrics = east.gateway.metrics().encode();
+    assert!(
+        metrics.contains("meshgate_audit_disk_budget_bytes 1048576"),
+        "{metrics}"
+    );
+    let client = Client::new(&east, Some(&east.svid("/ns/shop/sa/web")), &[b"http/1.1"]);
+    let pad = "p".repeat(48 * 1024);
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let req = Request::get("https://catalog.shop.east.mesh/v1")
+            .header("x-pad", pad.as_str())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let reply = client.send(req).await.unwrap();
+        statuses.push(reply.status.as_u16());
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                reply.text().contains("could not be recorded"),
+                "{}",
+                reply.text()
+            );
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&503), "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() >= 10,
+        "{statuses:?}"
+    );
+    let used: u64 = east
+        .gateway
+        .metrics()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix("meshgate_audit_disk_bytes "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(used <= 1 << 20 && used > 900 * 1024, "{used}");
+}

@@ -156,9 +156,6 @@ impl Cluster {
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("policy.cedar"), spec.policies).unwrap();
         let default_quota = spec.default_quota.map(|q| q.parse().unwrap());
-        let log = Arc::new(
-            DecisionLog::open(&dir.path().join("audit"), None, Default::default()).unwrap(),
-        );
         let catalog = Arc::new(TestCatalog {
             cluster: spec.name.to_owned(),
             ..Default::default()
@@ -207,6 +204,9 @@ impl Cluster {
             PolicyEngine::load(&config.policy.dir, None)
                 .unwrap()
                 .with_path_rules(config.paths.rules()),
+        );
+        let log = Arc::new(
+            DecisionLog::open(&dir.path().join("audit"), None, config.audit.log_options()).unwrap(),
         );
         let bundles = BundleSet::new();
         let gateway = Gateway::start(GatewayParts {

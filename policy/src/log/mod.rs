@@ -110,6 +110,17 @@ pub enum LogError {
     /// The old (sled) decision log could not be migrated.
     #[error("migration: {0}")]
     Migrate(String),
+    /// The log has reached its disk budget: nothing more is recorded (so nothing more is
+    /// answered) until old segments are pruned or the budget is raised.
+    #[error(
+        "the decision log is at its disk budget ({used} of {budget} bytes); prune old segments (`audit prune`) or raise `audit.max_disk_mib`"
+    )]
+    OverBudget {
+        /// Bytes the log's segments take.
+        used: u64,
+        /// The budget.
+        budget: u64,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -142,7 +153,14 @@ pub struct LogOptions {
     /// A segment is closed and a new one started past this size (pruning drops whole
     /// segments).
     pub segment_bytes: u64,
+    /// The most bytes the log's segments may take (`None`: no budget). Past
+    /// [`BUDGET_WARN_RATIO`] of it a warning is logged; at it, appends fail (the gateway
+    /// refuses requests rather than answer unrecorded).
+    pub max_disk_bytes: Option<u64>,
 }
+
+/// The share of the disk budget past which the log warns (once per crossing).
+pub const BUDGET_WARN_RATIO: f64 = 0.8;
 
 impl Default for LogOptions {
     fn default() -> Self {
@@ -150,6 +168,7 @@ impl Default for LogOptions {
             durability: Durability::Process,
             sync_interval: Duration::from_millis(10),
             segment_bytes: 64 << 20,
+            max_disk_bytes: None,
         }
     }
 }
@@ -227,6 +246,13 @@ impl DecisionLog {
             segments.pop();
         }
         let tail = scan_tail(&segments, anchor.as_ref(), pinned.as_deref())?;
+        let earlier: u64 = segments
+            .iter()
+            .rev()
+            .skip(1)
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
         let (file, first_seq, len) = match segments.last() {
             Some((first, path)) => {
                 let file = OpenOptions::new()
@@ -267,6 +293,7 @@ impl DecisionLog {
             writer,
             tail.recent,
         ));
+        shared.set_disk_bytes(earlier + len);
         let runner = shared.clone();
         let syncer = thread::Builder::new()
             .name("audit-sync".to_owned())
@@ -368,6 +395,11 @@ impl DecisionLog {
         time: SystemTime,
     ) -> Result<DecisionRecord, LogError> {
         self.append(DecisionRecordInput::admin(who, what, time))
+    }
+
+    /// The bytes the log's segments take now, and the disk budget (`None`: read-only log).
+    pub fn disk_usage(&self) -> Option<(u64, Option<u64>)> {
+        self.shared.as_ref().map(|s| (s.disk_bytes(), s.budget()))
     }
 
     /// How many appends failed (each one a request that was refused for it).

@@ -310,10 +310,13 @@ impl DecisionLog {
         // The anchor is durable before anything is removed; verification skips segments
         // that end at or before the anchor if the removal is interrupted.
         write_atomic(&self.dir, ANCHOR_FILE, &json)?;
+        let mut freed = 0u64;
         for path in &doomed {
+            freed += std::fs::metadata(path).map_or(0, |m| m.len());
             std::fs::remove_file(path).map_err(io_err(path))?;
         }
         super::writer::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        shared.shrink(freed);
         Ok(PruneReport {
             removed,
             segments: doomed.len() as u64,

@@ -669,3 +669,64 @@ fn a_sled_log_migrates_byte_for_byte() {
     // A second migration finds nothing to do and changes nothing.
     assert!(migrate_from_sled(&db, &dir.path().join("audit")).is_err());
 }
+
+#[test]
+fn the_disk_budget_refuses_appends_until_pruned() {
+    let (signer, _) = CheckpointSigner::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogOptions {
+        segment_bytes: 2048,
+        max_disk_bytes: Some(16 * 1024),
+        ..options()
+    };
+    let log = DecisionLog::open(dir.path(), Some(signer), opts).unwrap();
+    let (used, budget) = log.disk_usage().unwrap();
+    assert_eq!(budget, Some(16 * 1024));
+    assert!(used > 0);
+    // Strangers' records fill it: at the budget appends fail, and nothing was written past it.
+    let mut refused = None;
+    for i in 0..1000 {
+        match log.append(input(i)) {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the budget stops appends");
+    assert!(matches!(refused, LogError::OverBudget { .. }), "{refused}");
+    assert!(
+        refused.to_string().contains("audit.max_disk_mib"),
+        "{refused}"
+    );
+    let on_disk = || -> u64 {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    // The sync thread may still add a checkpoint: poll until the count and the files agree.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (used, on_disk) = loop {
+        let (used, files) = (log.disk_usage().unwrap().0, on_disk());
+        if used == files || std::time::Instant::now() > deadline {
+            break (used, files);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(used, on_disk, "the count follows the files");
+    assert!(on_disk <= 16 * 1024 + 1024, "{on_disk}");
+    // Not sticky: pruning the old segments makes room again.
+    let report = log
+        .prune_before(
+            SystemTime::now() + Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert!(report.segments > 0);
+    assert!(log.disk_usage().unwrap().0 < used);
+    log.append(input(5000)).unwrap();
+}

@@ -77,6 +77,10 @@ pub(crate) struct Shared {
     pub failures: AtomicU64,
     pub recent: Mutex<std::collections::VecDeque<Checkpoint>>,
     pub latest: tokio::sync::watch::Sender<Option<Checkpoint>>,
+    /// Bytes of every segment, the current one included.
+    disk_bytes: AtomicU64,
+    /// Past the warning share of the budget (warned once per crossing).
+    over_warning: AtomicBool,
 }
 
 /// What an append returns: where the record went.
@@ -113,6 +117,57 @@ impl Shared {
             failures: AtomicU64::new(0),
             recent: Mutex::new(recent),
             latest: tokio::sync::watch::channel(latest).0,
+            disk_bytes: AtomicU64::new(0),
+            over_warning: AtomicBool::new(false),
+        }
+    }
+
+    /// Bytes the segments take.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The disk budget, if any.
+    pub(crate) fn budget(&self) -> Option<u64> {
+        self.options.max_disk_bytes
+    }
+
+    /// Sets what the segments take (at open, and after pruning recounted them).
+    pub(crate) fn set_disk_bytes(&self, bytes: u64) {
+        self.disk_bytes.store(bytes, Ordering::Relaxed);
+        self.note_usage(bytes);
+    }
+
+    /// Segments of `by` bytes were removed.
+    pub(crate) fn shrink(&self, by: u64) {
+        let before = self
+            .disk_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(by))
+            })
+            .unwrap_or_default();
+        self.note_usage(before.saturating_sub(by));
+    }
+
+    fn grow(&self, by: u64) {
+        let now = self.disk_bytes.fetch_add(by, Ordering::Relaxed) + by;
+        self.note_usage(now);
+    }
+
+    /// Warns once when usage passes the warning share of the budget (again after it fell
+    /// below, e.g. after pruning).
+    fn note_usage(&self, used: u64) {
+        let Some(budget) = self.budget() else { return };
+        let over = used as f64 >= budget as f64 * super::BUDGET_WARN_RATIO;
+        if over && !self.over_warning.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                used,
+                budget,
+                "the decision log is past {}% of its disk budget; at the budget every request is refused (prune old segments or raise audit.max_disk_mib)",
+                (super::BUDGET_WARN_RATIO * 100.0) as u32
+            );
+        } else if !over {
+            self.over_warning.store(false, Ordering::Relaxed);
         }
     }
 
@@ -161,6 +216,12 @@ impl Shared {
                 "record of {body_len} bytes is larger than a frame"
             )));
         }
+        if let Some(budget) = self.budget() {
+            let used = self.disk_bytes();
+            if used + buf.len() as u64 > budget {
+                return Err(LogError::OverBudget { used, budget });
+            }
+        }
         let digest = record::hash_body(&buf[segment::FRAME_HEADER + 32..]);
         buf[..4].copy_from_slice(&((32 + body_len) as u32).to_le_bytes());
         buf[4] = KIND_RECORD;
@@ -202,6 +263,7 @@ impl Shared {
                 w.file = Arc::new(file);
                 w.first_seq = first;
                 w.len = HEADER_LEN;
+                self.grow(HEADER_LEN);
             }
             Err(e) => {
                 tracing::warn!(segment = %path.display(), error = %e, "cannot start a new decision-log segment; the current one grows");
@@ -391,6 +453,7 @@ impl Shared {
         match f.write_all(&w.buf) {
             Ok(()) => {
                 w.len += w.buf.len() as u64;
+                self.grow(w.buf.len() as u64);
                 Ok(())
             }
             Err(e) => match file.set_len(w.len) {
