@@ -169,16 +169,29 @@ impl Federation {
         // A config link that is new or differs from the stored one is the operator speaking,
         // as with `federation add`: its bundle is authoritative over what was cached.
         let mut from_config = BTreeSet::new();
+        let mut named = BTreeSet::new();
         for link in &config_links {
-            link.validate()?;
-            if link.trust_domain == local.trust_domain.as_str() {
+            let mut link = link.clone();
+            let (td, _) = link.normalize()?;
+            if td == local.trust_domain {
                 return Err(FederationError::SelfLink(link.trust_domain.clone()));
             }
-            if store.links()?.get(&link.trust_domain) != Some(link) {
-                store.put_link(link)?;
+            named.insert(link.trust_domain.clone());
+            if store.links()?.get(&link.trust_domain) != Some(&link) {
+                store.put_link(&link)?;
                 from_config.insert(link.trust_domain.clone());
             }
         }
+        // The config file is the truth for the links it names: one it named at the last
+        // start and names no more is gone (a `[[peers]]` block deleted stays deleted).
+        let mut dropped = Vec::new();
+        for td in store.config_links()? {
+            if !named.contains(&td) && store.remove_link(&td)? {
+                tracing::info!(trust_domain = %td, "federation link removed: no longer in the config file");
+                dropped.push(td);
+            }
+        }
+        store.set_config_links(&named)?;
         bundles.insert(issuer.bundle());
         let fed = Arc::new(Self {
             local,
@@ -194,6 +207,13 @@ impl Federation {
             runtime: OnceLock::new(),
             tasks: Mutex::new(Vec::new()),
         });
+        for td in dropped {
+            fed.audit(
+                "config file",
+                &format!("federation link `{td}` removed: no longer in the config file"),
+                now,
+            );
+        }
         let states = fed.store.peers()?;
         for (td, link) in fed.store.links()? {
             let state = states.get(&td).cloned().unwrap_or_default();
@@ -213,9 +233,13 @@ impl Federation {
 
     /// Adds (or replaces) a link at run time; a replaced link keeps its learned state but
     /// takes a newer bootstrap bundle, and a peer that failed closed is trusted again.
-    pub fn add_link(self: &Arc<Self>, link: Link, now: SystemTime) -> Result<(), FederationError> {
-        link.validate()?;
-        if link.trust_domain == self.local.trust_domain.as_str() {
+    pub fn add_link(
+        self: &Arc<Self>,
+        mut link: Link,
+        now: SystemTime,
+    ) -> Result<(), FederationError> {
+        let (td, _) = link.normalize()?;
+        if td == self.local.trust_domain {
             return Err(FederationError::SelfLink(link.trust_domain));
         }
         if self
@@ -257,6 +281,9 @@ impl Federation {
             task.abort();
         }
         let existed = self.store.remove_link(td.as_str())? || removed.is_some();
+        if self.store.config_links()?.contains(td.as_str()) {
+            tracing::warn!(trust_domain = %td, "the link is named in the config file: it comes back at the next start unless its [[peers]] entry is removed");
+        }
         self.changed();
         tracing::info!(trust_domain = %td, "federation link removed; peer distrusted");
         Ok(existed)

@@ -126,3 +126,72 @@ fn a_changed_config_bundle_is_authoritative_at_start() {
         .count();
     assert_eq!((from_config, accepted), (2, 2), "{events:?}");
 }
+
+fn linked(fed: &Federation, td: &TrustDomain) -> bool {
+    fed.is_linked(td) && fed.bundles().get(td).is_some()
+}
+
+#[test]
+fn a_link_deleted_from_the_config_stays_deleted() {
+    let (a, b) = (side("a.example"), side("b.example"));
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(DecisionLog::open(log_dir.path(), None, Default::default()).unwrap());
+    let td = b.issuer.trust_domain().clone();
+    let fed = open(&a, &log, vec![link_to(&b, &b.issuer.bundle())]);
+    assert!(linked(&fed, &td));
+    drop(fed);
+    // The `[[peers]]` block is deleted: gone at the next start, and the one after.
+    for _ in 0..2 {
+        let fed = open(&a, &log, vec![]);
+        assert!(!linked(&fed, &td));
+        assert!(fed.store().links().unwrap().is_empty());
+        drop(fed);
+    }
+    let records = log.query(&meshgate_policy::Filter::default()).unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action.contains("removed: no longer in the config file")),
+        "the removal is an admin event"
+    );
+}
+
+#[test]
+fn runtime_links_persist_until_removed_and_removal_sticks() {
+    let (a, b) = (side("a.example"), side("b.example"));
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(DecisionLog::open(log_dir.path(), None, Default::default()).unwrap());
+    let td = b.issuer.trust_domain().clone();
+    let fed = open(&a, &log, vec![]);
+    // Added at run time, in the odd spelling: stored normalized.
+    let mut odd = link_to(&b, &b.issuer.bundle());
+    odd.trust_domain = "spiffe://b.example".into();
+    fed.add_link(odd, SystemTime::now()).unwrap();
+    assert!(fed.store().links().unwrap().contains_key("b.example"));
+    drop(fed);
+    let fed = open(&a, &log, vec![]);
+    assert!(linked(&fed, &td), "a runtime link survives a restart");
+    assert!(fed.remove_link(&td).unwrap());
+    drop(fed);
+    let fed = open(&a, &log, vec![]);
+    assert!(!linked(&fed, &td), "and its removal too");
+    // The self-link guard holds for every spelling.
+    let mut me = link_to(&a, &a.issuer.bundle());
+    me.trust_domain = "spiffe://a.example".into();
+    assert!(matches!(
+        fed.add_link(me, SystemTime::now()),
+        Err(FederationError::SelfLink(_))
+    ));
+    drop(fed);
+    // A config link in the odd spelling is the same link as the plain one.
+    let mut odd = link_to(&b, &b.issuer.bundle());
+    odd.trust_domain = "spiffe://b.example".into();
+    let fed = open(&a, &log, vec![odd]);
+    assert!(linked(&fed, &td));
+    drop(fed);
+    let fed = open(&a, &log, vec![link_to(&b, &b.issuer.bundle())]);
+    assert_eq!(fed.store().links().unwrap().len(), 1);
+    drop(fed);
+    let fed = open(&a, &log, vec![]);
+    assert!(!linked(&fed, &td));
+}

@@ -36,6 +36,15 @@ pub struct Link {
 }
 
 impl Link {
+    /// Checks the link like [`Link::validate`] and writes its trust domain in the one
+    /// canonical spelling (`spiffe://west.example` becomes `west.example`), so it is stored,
+    /// found, compared and removed under one key.
+    pub fn normalize(&mut self) -> Result<(TrustDomain, TrustBundle), FederationError> {
+        let (td, bundle) = self.validate()?;
+        self.trust_domain = td.to_string();
+        Ok((td, bundle))
+    }
+
     /// Checks the link and returns its trust domain and bootstrap bundle.
     pub fn validate(&self) -> Result<(TrustDomain, TrustBundle), FederationError> {
         let td: TrustDomain =

@@ -6,10 +6,15 @@
 //! | `federation.peers` | peer trust domain | [`PeerState`] JSON |
 //! | `federation.witness` | peer trust domain, `0x00`, seq (u64 BE) | the peer's signed checkpoint JSON |
 //! | `federation.witness` | peer trust domain, `0x01` | the peer's pinned checkpoint key (hex) |
+//! | `federation.config` | peer trust domain | empty: the link came from the config file at the last start |
+//!
+//! The config file is the declarative truth for the links it names: a link that was in it
+//! at the last start and is not any more is removed at the next start. Links added at run
+//! time (`federation add`) are not in `federation.config` and stay until removed.
 //!
 //! Every write is flushed before it is acknowledged: cached peer state must survive a crash.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use meshgate_policy::Checkpoint;
 
@@ -23,6 +28,7 @@ pub struct Store {
     links: sled::Tree,
     peers: sled::Tree,
     witness: sled::Tree,
+    config: sled::Tree,
 }
 
 impl Store {
@@ -33,6 +39,7 @@ impl Store {
             links: db.open_tree("federation.links")?,
             peers: db.open_tree("federation.peers")?,
             witness: db.open_tree("federation.witness")?,
+            config: db.open_tree("federation.config")?,
         })
     }
 
@@ -49,18 +56,40 @@ impl Store {
         Ok(())
     }
 
+    /// The trust domains whose links came from the config file at the last start.
+    pub fn config_links(&self) -> Result<BTreeSet<String>, FederationError> {
+        self.config
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
+    /// Records which links come from the config file now.
+    pub fn set_config_links(&self, tds: &BTreeSet<String>) -> Result<(), FederationError> {
+        for old in self.config_links()? {
+            if !tds.contains(&old) {
+                self.config.remove(old.as_bytes())?;
+            }
+        }
+        for td in tds {
+            self.config.insert(td.as_bytes(), &[])?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Adds a link without a running federation (`meshgate federation add` on the state):
     /// the bootstrap bundle becomes the cached one unless a newer one is cached, and the
     /// operator's adding it counts as confirming it at `now`.
     pub fn add_link(&self, link: &Link, now: std::time::SystemTime) -> Result<(), FederationError> {
-        let (_, bundle) = link.validate()?;
+        let mut link = link.clone();
+        let (_, bundle) = link.normalize()?;
         let mut state = self.peers()?.remove(&link.trust_domain).unwrap_or_default();
-        if state.bundle_sequence <= bundle.sequence() {
-            state.set_bundle(&bundle, now);
-        } else {
-            state.confirmed_at = Some(crate::link::unix(now));
-        }
-        self.put_link(link)?;
+        // The operator's bundle is authoritative, whatever was cached.
+        state.set_bundle(&bundle, now);
+        state.confirmed_at = Some(crate::link::unix(now));
+        self.put_link(&link)?;
         self.put_peer(&link.trust_domain, &state)
     }
 

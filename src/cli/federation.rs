@@ -188,7 +188,7 @@ impl FederationCommand {
             } => {
                 let text = std::fs::read_to_string(&bundle)
                     .input_ctx(|| format!("cannot read bundle `{}`", bundle.display()))?;
-                let link = Link {
+                let mut link = Link {
                     cluster,
                     trust_domain,
                     gateways,
@@ -197,7 +197,8 @@ impl FederationCommand {
                     bootstrap_bundle: text,
                     services: Vec::new(),
                 };
-                link.validate().input_err()?;
+                // One spelling everywhere (`spiffe://west.example` is `west.example`).
+                link.normalize().input_err()?;
                 if let Some(client) = AdminClient::live(&state)? {
                     client.call(&FederationAdd { link: link.clone() })?;
                 } else {
@@ -315,8 +316,12 @@ fn resolve_peer<'a>(
     peer: &str,
     links: impl Iterator<Item = (&'a String, &'a String)>,
 ) -> anyhow::Result<TrustDomain> {
+    // Any spelling of a trust domain names the same link.
+    let canonical = peer
+        .parse::<TrustDomain>()
+        .map_or_else(|_| peer.to_owned(), |td| td.to_string());
     for (cluster, td) in links {
-        if td == peer || cluster == peer {
+        if *td == canonical || cluster == peer {
             return Ok(td.parse()?);
         }
     }

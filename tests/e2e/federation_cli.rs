@@ -156,3 +156,76 @@ fn audit_verify_with_witnesses_detects_a_rewritten_resigned_log() {
         Some(2)
     );
 }
+
+/// The review's case: a trust domain written `spiffe://west.example` was stored as given but
+/// removed normalized, so `remove` did not stick and the self-link guard was passed. Every
+/// spelling is now one link, stored as `west.example`, removed by any spelling; its own
+/// trust domain in any spelling is refused; other spellings are exit 2.
+#[test]
+fn trust_domain_spellings_name_one_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (east, west) = (dir.path().join("east"), dir.path().join("west"));
+    for (state, td) in [(&east, "east.example"), (&west, "west.example")] {
+        meshgate(&[
+            "identity",
+            "init",
+            "--state",
+            &arg(state),
+            "--trust-domain",
+            td,
+        ]);
+    }
+    let bundle = dir.path().join("west-bundle.json");
+    let own = dir.path().join("east-bundle.json");
+    std::fs::write(
+        &bundle,
+        meshgate(&["identity", "bundle", "--state", &arg(&west)]).stdout,
+    )
+    .unwrap();
+    std::fs::write(
+        &own,
+        meshgate(&["identity", "bundle", "--state", &arg(&east)]).stdout,
+    )
+    .unwrap();
+    let add = |td: &str, bundle: &std::path::Path| {
+        run(&[
+            "federation",
+            "add",
+            "--state",
+            &arg(&east),
+            "--cluster",
+            "west",
+            "--trust-domain",
+            td,
+            "--gateway",
+            "127.0.0.1:15443",
+            "--bundle",
+            &arg(bundle),
+        ])
+    };
+    let me = add("spiffe://east.example", &own);
+    assert_eq!(me.status.code(), Some(2), "a link to itself: {me:?}");
+    for odd in ["West.Example", "spiffe://west.example/x", "west.example/"] {
+        assert_eq!(add(odd, &bundle).status.code(), Some(2), "{odd}");
+    }
+    let ok = add("spiffe://west.example", &bundle);
+    assert!(ok.status.success(), "{ok:?}");
+    let status = meshgate(&["federation", "status", "--state", &arg(&east), "--json"]);
+    let links: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(links.as_array().unwrap().len(), 1);
+    assert_eq!(links[0]["trust_domain"], "west.example");
+    // The other spelling names the same link: removed, and it stays removed.
+    meshgate(&[
+        "federation",
+        "remove",
+        "--state",
+        &arg(&east),
+        "spiffe://west.example",
+    ]);
+    let after = meshgate(&["federation", "status", "--state", &arg(&east)]);
+    assert!(String::from_utf8_lossy(&after.stdout).contains("no federation links"));
+    let db = sled::Config::new().path(east.join("db")).open().unwrap();
+    let store = meshgate_federation::Store::open(&db).unwrap();
+    assert!(store.links().unwrap().is_empty());
+    assert!(store.peers().unwrap().is_empty());
+}
