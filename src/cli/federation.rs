@@ -234,6 +234,11 @@ impl FederationCommand {
                             .input_err()?;
                     admin_event(&state, &format!("federation remove `{td}`"))?;
                     store.remove_link(td.as_str()).internal_err()?;
+                    if store.config_links().internal_err()?.contains(td.as_str()) {
+                        eprintln!(
+                            "warning: `{td}` is named in the config file: it comes back at the next start unless its [[peers]] entry is removed"
+                        );
+                    }
                     td.to_string()
                 };
                 println!("removed the link to `{removed}`");
