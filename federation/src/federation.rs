@@ -92,6 +92,8 @@ pub enum Route {
         trust_domain: TrustDomain,
         /// Its gateway addresses, preferred first.
         gateways: Vec<SocketAddr>,
+        /// Whether the caller's credentials (`Authorization`, `Cookie`) go to it.
+        credentials: bool,
     },
 }
 
@@ -348,7 +350,9 @@ impl Federation {
     }
 
     /// Routes for `service.namespace` (pinned to `cluster` when given), best first: the local
-    /// cluster if it has the service, then usable peers that export it to us, ranked.
+    /// cluster if it has the service, then usable peers that export it to us, ranked. An
+    /// unpinned name is served only by peers this side shares it with (`Link::shared`): a
+    /// peer exporting a name cannot take its traffic by saying so.
     pub fn routes(&self, service: &str, namespace: &str, cluster: Option<&str>) -> Vec<Route> {
         let short = format!("{service}.{namespace}");
         let wants = |c: &str| cluster.is_none_or(|w| w == c);
@@ -360,7 +364,10 @@ impl Federation {
         let serving: Vec<(&TrustDomain, &Peer)> = peers
             .iter()
             .filter(|(_, p)| {
-                !p.closed && wants(&p.link.cluster) && p.state.imported.contains(&short)
+                !p.closed
+                    && wants(&p.link.cluster)
+                    && (cluster.is_some() || p.link.shared.contains(&short))
+                    && p.state.imported.contains(&short)
             })
             .collect();
         let candidates: Vec<Candidate> = serving
@@ -378,6 +385,7 @@ impl Federation {
                 cluster: p.link.cluster.clone(),
                 trust_domain: td.clone(),
                 gateways: p.addresses(),
+                credentials: p.link.credentials.contains(&short),
             });
         }
         routes
@@ -411,7 +419,9 @@ impl Federation {
         for p in self.read().values().filter(|p| !p.closed) {
             for short in &p.state.imported {
                 names.insert(format!("{short}.{}", p.link.cluster));
-                names.insert(short.clone());
+                if p.link.shared.contains(short) {
+                    names.insert(short.clone());
+                }
             }
         }
         names

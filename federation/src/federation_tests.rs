@@ -41,6 +41,8 @@ fn link_to(peer: &Side, bundle: &TrustBundle) -> Link {
         priority: 0,
         bootstrap_bundle: bundle.to_spiffe_json(),
         services: vec![],
+        shared: vec![],
+        credentials: vec![],
     }
 }
 

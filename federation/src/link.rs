@@ -33,6 +33,13 @@ pub struct Link {
     /// first sync replaces them with what the peer says.
     #[serde(default)]
     pub services: Vec<String>,
+    /// Services (`service.namespace`) this peer may serve under their unpinned name: which
+    /// clusters share a name is the importing side's choice (a per-peer sameness list).
+    #[serde(default)]
+    pub shared: Vec<String>,
+    /// Services of this peer that receive the caller's `Authorization` and `Cookie` headers.
+    #[serde(default)]
+    pub credentials: Vec<String>,
 }
 
 impl Link {

@@ -354,6 +354,7 @@ async fn a_peer_is_told_about_the_target_before_its_caller_and_a_relay_is_not_re
                 cluster: "east".into(),
                 trust_domain: "east.example".parse().unwrap(),
                 gateways: vec![],
+                credentials: false,
             }],
         }),
     )

@@ -22,6 +22,9 @@ pub struct PeerRoute {
     pub trust_domain: TrustDomain,
     /// The peer's gateway QUIC addresses, preferred first.
     pub gateways: Vec<SocketAddr>,
+    /// Whether the caller's `Authorization` and `Cookie` headers go to this cluster for this
+    /// service (the importing side's choice; off by default).
+    pub credentials: bool,
 }
 
 /// Where a destination can be served.
@@ -104,11 +107,14 @@ impl Catalog for StaticCatalog {
             routes.push(Route::Local);
         }
         for (peer, td) in &self.peers {
-            if wants(&peer.cluster) && peer.services.contains(&short) {
+            // An unpinned name is served by a peer only when this side shares it with them.
+            let shared = dest.cluster.is_some() || peer.shared.contains(&short);
+            if wants(&peer.cluster) && shared && peer.services.contains(&short) {
                 routes.push(Route::Peer(PeerRoute {
                     cluster: peer.cluster.clone(),
                     trust_domain: td.clone(),
                     gateways: peer.gateways.clone(),
+                    credentials: peer.credentials.contains(&short),
                 }));
             }
         }

@@ -256,6 +256,15 @@ pub struct PeerConfig {
     /// Lower is preferred when a service is exported by several clusters.
     #[serde(default)]
     pub priority: u32,
+    /// Services (`service.namespace`) this peer may serve under their unpinned name
+    /// (`<svc>.<ns>.mesh`): the clusters that share a name are this side's choice, never the
+    /// exporter's. Without it the peer serves only `<svc>.<ns>.<cluster>.mesh`.
+    #[serde(default)]
+    pub shared: Vec<String>,
+    /// Services of this peer that receive the caller's `Authorization` and `Cookie` headers;
+    /// to every other service of the peer they are not forwarded.
+    #[serde(default)]
+    pub credentials: Vec<String>,
 }
 
 /// Limits against abuse, each with a sane default.

@@ -401,7 +401,10 @@ fn tunnel_head(
     if let Some(h) = builder.headers_mut() {
         h.reserve(head.headers.len() + 2);
         for (name, value) in &head.headers {
-            if name != http::header::HOST {
+            // Credentials meant for this gateway's side of the mesh do not cross to another
+            // cluster unless the service there is configured to receive them.
+            let credential = name == http::header::AUTHORIZATION || name == http::header::COOKIE;
+            if name != http::header::HOST && (route.credentials || !credential) {
                 h.append(name.clone(), value.clone());
             }
         }

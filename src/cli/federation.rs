@@ -47,6 +47,14 @@ pub enum FederationCommand {
         /// Lower is preferred when several clusters export a service.
         #[arg(long, default_value_t = 0)]
         priority: u32,
+        /// A service (`service.namespace`) the peer may serve under its unpinned name
+        /// `<svc>.<ns>.mesh` (repeat for several); without it, only the pinned name.
+        #[arg(long = "shared")]
+        shared: Vec<String>,
+        /// A service of the peer that receives the caller's `Authorization` and `Cookie`
+        /// headers (repeat for several); no other service of the peer gets them.
+        #[arg(long = "credentials")]
+        credentials: Vec<String>,
     },
     /// Remove a link: the peer is distrusted and disconnected at once.
     Remove {
@@ -185,6 +193,8 @@ impl FederationCommand {
                 dns,
                 bundle,
                 priority,
+                shared,
+                credentials,
             } => {
                 let text = std::fs::read_to_string(&bundle)
                     .input_ctx(|| format!("cannot read bundle `{}`", bundle.display()))?;
@@ -196,6 +206,8 @@ impl FederationCommand {
                     priority,
                     bootstrap_bundle: text,
                     services: Vec::new(),
+                    shared,
+                    credentials,
                 };
                 // One spelling everywhere (`spiffe://west.example` is `west.example`).
                 link.normalize().input_err()?;

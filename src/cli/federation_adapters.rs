@@ -27,10 +27,12 @@ impl Catalog for FederatedCatalog {
                     cluster,
                     trust_domain,
                     gateways,
+                    credentials,
                 } => meshgate_gateway::Route::Peer(PeerRoute {
                     cluster,
                     trust_domain,
                     gateways,
+                    credentials,
                 }),
             })
             .collect()

@@ -39,6 +39,8 @@ pub fn links_from_config(config: &GatewayConfig) -> CliResult<Vec<Link>> {
                 priority: peer.priority,
                 bootstrap_bundle: bundle,
                 services: peer.services.clone(),
+                shared: peer.shared.clone(),
+                credentials: peer.credentials.clone(),
             };
             link.validate()
                 .input_ctx(|| format!("peer `{}`", peer.cluster))?;

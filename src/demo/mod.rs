@@ -303,7 +303,7 @@ fn config_toml(
             continue;
         }
         text.push_str(&format!(
-            "\n[[peers]]\ncluster = \"{peer}\"\ntrust_domain = \"{peer}.example\"\ngateways = [\"{}\"]\nbundle = \"../{peer}/bundle.json\"\nservices = [\"{peer_service}.shop\"]\n",
+            "\n[[peers]]\ncluster = \"{peer}\"\ntrust_domain = \"{peer}.example\"\ngateways = [\"{}\"]\nbundle = \"../{peer}/bundle.json\"\nservices = [\"{peer_service}.shop\"]\nshared = [\"{peer_service}.shop\"]\n",
             ports[j].tunnel
         ));
     }

@@ -56,6 +56,10 @@ async fn linked() -> (Member, Member) {
     );
     let (a, b) = (Member::start(a).await, Member::start(b).await);
     link_pair(&a, 0, &b, 0);
+    // `a` lets `b` serve the unpinned `orders.shop.mesh`.
+    let mut shared = b.link(0);
+    shared.shared = vec!["orders.shop".into()];
+    a.fed.add_link(shared, SystemTime::now()).unwrap();
     a.fed.sync_now(&b.td).await.unwrap();
     (a, b)
 }

@@ -36,6 +36,12 @@ async fn three(autostart: bool) -> (Member, Member, Member) {
     link_pair(&a, 0, &b, 0);
     link_pair(&a, 0, &c, 1);
     link_pair(&b, 0, &c, 0);
+    // `a` lets both serve the unpinned `orders.shop.mesh` (its choice, not theirs).
+    for (peer, priority) in [(&b, 0), (&c, 1)] {
+        let mut link = peer.link(priority);
+        link.shared = vec!["orders.shop".into()];
+        a.fed.add_link(link, SystemTime::now()).unwrap();
+    }
     (a, b, c)
 }
 

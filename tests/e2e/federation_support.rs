@@ -297,6 +297,8 @@ impl Member {
             priority,
             bootstrap_bundle: self.issuer.bundle().to_spiffe_json(),
             services: vec![],
+            shared: vec![],
+            credentials: vec![],
         }
     }
 

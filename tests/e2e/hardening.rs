@@ -854,3 +854,85 @@ permit (principal, action in Action::"read", resource == Service::"catalog.shop.
         .unwrap();
     assert!(used <= 1 << 20 && used > 900 * 1024, "{used}");
 }
+
+/// Cluster `c` exports `orders.shop` too, with a better priority than `b`, the cluster `a`
+/// means by that name. `a` shares the unpinned name with `b` only, so a workload calling
+/// `orders.shop.mesh` reaches `b`, never `c`; `c` is reached only by its pinned name. The
+/// workload's `Authorization` and `Cookie` go to no other cluster unless `a` says a service
+/// there receives them.
+#[tokio::test]
+async fn a_peer_cannot_take_over_a_shared_service_name() {
+    use crate::federation_support::{Member, MemberSpec};
+    let (up_b, up_c) = (echo_upstream().await, echo_upstream().await);
+    let a = Member::start(MemberSpec::new("a", vec![])).await;
+    let b = Member::start(MemberSpec::new(
+        "b",
+        vec![service("orders", "shop", up_b, &["a"])],
+    ))
+    .await;
+    let c = Member::start(MemberSpec::new(
+        "c",
+        vec![service("orders", "shop", up_c, &["a"])],
+    ))
+    .await;
+    let now = std::time::SystemTime::now();
+    let mut to_b = b.link(1);
+    to_b.shared = vec!["orders.shop".into()];
+    a.fed.add_link(to_b.clone(), now).unwrap();
+    a.fed.add_link(c.link(0), now).unwrap();
+    b.fed.add_link(a.link(0), now).unwrap();
+    c.fed.add_link(a.link(0), now).unwrap();
+    a.fed.sync_now(&b.td).await.unwrap();
+    a.fed.sync_now(&c.td).await.unwrap();
+
+    let call = |authority: &'static str| {
+        let client = a.client("/ns/shop/sa/web");
+        async move {
+            let req = Request::get(format!("https://{authority}/v1/orders"))
+                .header("authorization", "Bearer for-my-own-gateway")
+                .header("cookie", "session=secret")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            client.send(req).await.unwrap()
+        }
+    };
+    let served_by = |reply: &crate::support::Reply| {
+        let id = reply.decision_id();
+        match (
+            crate::support::find_record(&b.log, &id),
+            crate::support::find_record(&c.log, &id),
+        ) {
+            (Some(_), None) => "b",
+            (None, Some(_)) => "c",
+            other => panic!("decided by {other:?}"),
+        }
+    };
+    let reply = call("orders.shop.mesh").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(served_by(&reply), "b");
+    let headers = &reply.json()["headers"];
+    assert!(headers.get("authorization").is_none(), "{headers}");
+    assert!(headers.get("cookie").is_none(), "{headers}");
+    // Pinned, `c` serves; the credentials do not go along.
+    let reply = call("orders.shop.c.mesh").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(served_by(&reply), "c");
+    assert!(reply.json()["headers"].get("authorization").is_none());
+    // `a` says b's orders receives them: now they go to it (and still not to `c`).
+    to_b.credentials = vec!["orders.shop".into()];
+    a.fed.add_link(to_b, std::time::SystemTime::now()).unwrap();
+    a.fed.sync_now(&b.td).await.unwrap();
+    let reply = call("orders.shop.mesh").await;
+    assert_eq!(served_by(&reply), "b");
+    let headers = &reply.json()["headers"];
+    assert_eq!(
+        headers["authorization"], "Bearer for-my-own-gateway",
+        "{headers}"
+    );
+    assert_eq!(headers["cookie"], "session=secret", "{headers}");
+    assert!(
+        call("orders.shop.c.mesh").await.json()["headers"]
+            .get("cookie")
+            .is_none()
+    );
+}

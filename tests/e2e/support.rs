@@ -48,6 +48,7 @@ impl Catalog for TestCatalog {
                     cluster: cluster.clone(),
                     trust_domain: td.clone(),
                     gateways: gateways.clone(),
+                    credentials: false,
                 }));
             }
         }
