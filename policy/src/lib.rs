@@ -33,9 +33,10 @@ pub use engine::{Decision, PolicyEngine, ShadowOutcome};
 pub use facts::{FactsError, HIDDEN_HEADERS, RequestFacts};
 pub use load::{LINKS_FILE, LoadError, LoadStats, MESH_SCHEMA, PolicyVersion, SourceFile};
 pub use log::{
-    Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, DecisionRecordInput,
-    Durability, Filter, GENESIS_HASH, HashesAt, LogError, LogOptions, MigrateReport, PruneReport,
-    Receipt, Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
+    CallerGrouping, Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord,
+    DecisionRecordInput, Durability, Edge, EdgeCounts, Filter, GENESIS_HASH, GraphBuilder,
+    HashesAt, LogError, LogOptions, MigrateReport, Node, PruneReport, Receipt, ServiceGraph,
+    Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
 };
 pub use path::{MAX_PATH_LEN, PathError, PathRules, normalize_path, normalize_path_with};
 pub use prove::{

@@ -13,7 +13,8 @@ use std::time::SystemTime;
 use anyhow::{Context, anyhow, bail};
 use clap::{Subcommand, ValueEnum};
 use meshgate_policy::{
-    Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord, Filter,
+    CallerGrouping, Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord,
+    Filter, GraphBuilder,
 };
 
 use super::print_json;
@@ -88,6 +89,26 @@ pub enum AuditCommand {
         /// The state directory.
         state: PathBuf,
     },
+    /// Who called whom: caller → service edges with their allow/deny/429/error counts, from
+    /// one or more clusters' logs (each request is recorded by one gateway, so they add up).
+    /// Reads the log files directly, also beside a running gateway.
+    Graph {
+        /// The state directories whose logs to read.
+        #[arg(required = true, num_args = 1..)]
+        states: Vec<PathBuf>,
+        /// Only decisions at or after this time: RFC 3339, or a duration ago (`1h`, `7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only decisions before this time: RFC 3339, or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        /// One node per workload or per namespace.
+        #[arg(long, value_enum, default_value_t = GraphBy::Workload)]
+        by: GraphBy,
+        /// JSON (nodes, edges, counts) or Graphviz DOT (refused edges in red).
+        #[arg(long, value_enum, default_value_t = GraphFormat::Json)]
+        format: GraphFormat,
+    },
     /// Move a decision log of an earlier version (kept inside `db/`) into the segment files
     /// of `audit/`, byte for byte, verify it there, then drop the old copy. Run it once with
     /// no gateway running; a gateway refuses to start until it is done.
@@ -95,6 +116,20 @@ pub enum AuditCommand {
         /// The state directory.
         state: PathBuf,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphBy {
+    /// One node per caller SPIFFE ID.
+    Workload,
+    /// One node per caller namespace.
+    Namespace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Json,
+    Dot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,6 +141,36 @@ pub enum ExportFormat {
 impl AuditCommand {
     pub fn run(self) -> CliResult<Outcome> {
         match self {
+            Self::Graph {
+                states,
+                since,
+                until,
+                by,
+                format,
+            } => {
+                let now = SystemTime::now();
+                let filter = Filter {
+                    since: super::policy::time_or_ago(since.as_deref(), now)?,
+                    until: super::policy::time_or_ago(until.as_deref(), now)?,
+                    ..Filter::default()
+                };
+                let mut graph = GraphBuilder::new(match by {
+                    GraphBy::Workload => CallerGrouping::Workload,
+                    GraphBy::Namespace => CallerGrouping::Namespace,
+                });
+                for state in &states {
+                    let log = open_log(state)?;
+                    graph.add_log(&log, &filter).internal_ctx(|| {
+                        format!("cannot read the decision log of `{}`", state.display())
+                    })?;
+                }
+                let graph = graph.finish();
+                match format {
+                    GraphFormat::Json => print_json(&graph)?,
+                    GraphFormat::Dot => print!("{}", graph.to_dot()),
+                }
+                Ok(Outcome::Yes)
+            }
             Self::Query {
                 state,
                 principal,

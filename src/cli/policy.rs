@@ -356,7 +356,7 @@ struct Window<'a> {
 }
 
 /// RFC 3339, or a duration before now (`7d`, `12h`, `30m`).
-fn time_or_ago(value: Option<&str>, now: SystemTime) -> CliResult<Option<SystemTime>> {
+pub(crate) fn time_or_ago(value: Option<&str>, now: SystemTime) -> CliResult<Option<SystemTime>> {
     let Some(v) = value else { return Ok(None) };
     if let Ok(ago) = humantime::parse_duration(v) {
         return now

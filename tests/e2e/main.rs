@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_socket;
+mod audit_graph;
 mod demo;
 mod dns;
 mod faults;

@@ -18,6 +18,7 @@
 //! Any failure is returned (the gateway refuses the request: fail closed) and counted in
 //! [`DecisionLog::failures`].
 
+mod graph;
 mod migrate;
 mod query;
 mod record;
@@ -39,6 +40,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use graph::{CallerGrouping, Edge, EdgeCounts, GraphBuilder, Node, ServiceGraph};
 pub use migrate::{MigrateReport, migrate_from_sled, sled_log_present};
 pub use query::{Filter, HashesAt, PruneReport};
 pub use record::{
