@@ -110,7 +110,7 @@ fn ask(question: &str) -> bool {
 }
 
 fn step(n: usize, text: &str) {
-    println!("[{n}/5] {text}");
+    println!("[{n}/6] {text}");
 }
 
 async fn run(dir: PathBuf, exit: bool) -> CliResult<Outcome> {
@@ -193,6 +193,20 @@ async fn run(dir: PathBuf, exit: bool) -> CliResult<Outcome> {
                 println!("  {}: cannot verify: {e}", cluster.0);
             }
         }
+    }
+    step(
+        6,
+        "who called whom across the mesh (`meshgate audit graph`)",
+    );
+    let mut graph = meshgate_policy::GraphBuilder::new(meshgate_policy::CallerGrouping::Workload);
+    for r in &running {
+        graph
+            .add_log(&r.log, &meshgate_policy::Filter::default())
+            .internal_err()?;
+    }
+    for edge in graph.finish().edges {
+        let from = edge.from.strip_prefix("spiffe://").unwrap_or(&edge.from);
+        println!("  {from:<40} → {:<24} {}", edge.to, edge.counts.summary());
     }
     let ok = summary.all_held() && all_verified;
     println!();

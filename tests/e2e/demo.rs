@@ -28,6 +28,8 @@ fn the_demo_shows_every_behaviour_and_exits_cleanly() {
         "east: ok",
         "west: ok",
         "north: ok",
+        "who called whom across the mesh",
+        "east.example/ns/batch/sa/report",
     ] {
         assert!(
             text.contains(expected),
@@ -35,6 +37,15 @@ fn the_demo_shows_every_behaviour_and_exits_cleanly() {
         );
     }
     assert!(!text.contains('✗'), "{text}");
+    // The service graph shows the refused edges with their counts.
+    let graph_line = |from: &str, to: &str| {
+        text.lines()
+            .find(|l| l.contains(from) && l.contains(&format!("→ {to} ")))
+            .unwrap_or_else(|| panic!("no `{from} → {to}` line in:\n{text}"))
+            .to_owned()
+    };
+    assert!(graph_line("batch/sa/report", "orders.shop.west").ends_with("allow 2, 429 1"));
+    assert!(graph_line("shop/sa/web", "orders.shop.west").contains("deny 2"));
     // The configs it wrote are the ones `meshgate gateway` takes.
     let check = Command::new(BIN)
         .args(["gateway", "--check", "--config"])

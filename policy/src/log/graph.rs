@@ -51,6 +51,21 @@ impl EdgeCounts {
     pub fn refused(&self) -> u64 {
         self.deny + self.quota_exceeded + self.error
     }
+
+    /// `allow N`, then each refusal kind that occurred: `allow 2, deny 1, 429 3`.
+    pub fn summary(&self) -> String {
+        let mut text = format!("allow {}", self.allow);
+        for (name, n) in [
+            ("deny", self.deny),
+            ("429", self.quota_exceeded),
+            ("error", self.error),
+        ] {
+            if n > 0 {
+                let _ = write!(text, ", {name} {n}");
+            }
+        }
+        text
+    }
 }
 
 /// One caller → service edge.
@@ -226,16 +241,7 @@ impl ServiceGraph {
         }
         for e in &self.edges {
             let c = &e.counts;
-            let mut label = format!("allow {}", c.allow);
-            for (name, n) in [
-                ("deny", c.deny),
-                ("429", c.quota_exceeded),
-                ("error", c.error),
-            ] {
-                if n > 0 {
-                    let _ = write!(label, ", {name} {n}");
-                }
-            }
+            let label = c.summary();
             let style = match (c.allow, c.refused()) {
                 (_, 0) => "color=darkgreen",
                 (0, _) => "color=red, style=dashed, penwidth=2",
