@@ -626,15 +626,28 @@ async fn the_metrics_listener_is_bounded() {
     }
 }
 
-/// The issuer API's TLS certificate of a real `meshgate gateway` process is renewed like
-/// any SVID (here with `identity.svid_ttl = "4s"`): clients verifying it with the bundle
-/// keep connecting after the first certificate has expired. Before, it lived a day and was
-/// never renewed: agents could no longer attest or renew after that.
-#[tokio::test]
-async fn the_issuer_api_certificate_is_renewed() {
+/// A real `meshgate gateway` process of cluster `east` in `dir`, with an issuer listener and
+/// `extra` appended to its config, started and listening.
+struct GatewayProcess {
+    proc: crate::procs::Proc,
+    issuer: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    /// The trust bundle's roots.
+    roots: meshgate_identity::TrustBundle,
+}
+
+fn gateway_process(dir: &std::path::Path, extra: &str) -> GatewayProcess {
+    gateway_process_limited(dir, extra, None)
+}
+
+/// The same, started with at most `nofile` open file descriptors.
+fn gateway_process_limited(
+    dir: &std::path::Path,
+    extra: &str,
+    nofile: Option<usize>,
+) -> GatewayProcess {
     use crate::procs::{BIN, Proc, free_tcp, free_udp, meshgate, wait_listening};
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("east");
+    let state = dir.join("east");
     let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
     meshgate(&[
         "identity",
@@ -655,7 +668,7 @@ async fn the_issuer_api_certificate_is_renewed() {
     .stdout;
     let roots = meshgate_identity::TrustBundle::from_pem_infer(&pem).unwrap();
     let policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
-    let issuer = free_tcp();
+    let (issuer, admin) = (free_tcp(), free_tcp());
     let config = format!(
         r#"cluster = "east"
 trust_domain = "east.example"
@@ -668,27 +681,51 @@ issuer = "{issuer}"
 dns_names = ["localhost"]
 [policy]
 dir = "{policies}"
-[identity]
-svid_ttl = "4s"
+{extra}
 "#,
         state = state.display(),
         workload = free_tcp(),
         tunnel = free_udp(),
-        admin = free_tcp(),
         policies = policies.display(),
     );
-    std::fs::write(tmp.path().join("east.toml"), config).unwrap();
-    let _gateway = Proc(
-        std::process::Command::new(BIN)
+    std::fs::write(dir.join("east.toml"), config).unwrap();
+    let mut command = match nofile {
+        // prlimit sets the limit and execs the gateway (same process).
+        Some(n) => {
+            let mut c = crate::procs::tool("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BIN);
+            c
+        }
+        None => std::process::Command::new(BIN),
+    };
+    let proc = Proc(
+        command
             .args(["gateway", "--config"])
-            .arg(tmp.path().join("east.toml"))
+            .arg(dir.join("east.toml"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
     );
     wait_listening(issuer);
+    wait_listening(admin);
+    GatewayProcess {
+        proc,
+        issuer,
+        admin,
+        roots,
+    }
+}
 
+/// The issuer API's TLS certificate of a real `meshgate gateway` process is renewed like
+/// any SVID (here with `identity.svid_ttl = "4s"`): clients verifying it with the bundle
+/// keep connecting after the first certificate has expired. Before, it lived a day and was
+/// never renewed: agents could no longer attest or renew after that.
+#[tokio::test]
+async fn the_issuer_api_certificate_is_renewed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = gateway_process(tmp.path(), "[identity]\nsvid_ttl = \"4s\"");
+    let (issuer, roots) = (gateway.issuer, gateway.roots.clone());
     let mut store = rustls::RootCertStore::empty();
     for root in roots.x509_roots() {
         store.add(root.clone()).unwrap();
@@ -935,4 +972,85 @@ async fn a_peer_cannot_take_over_a_shared_service_name() {
             .get("cookie")
             .is_none()
     );
+}
+
+/// CPU time (user + system, in clock ticks) the process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last `)`.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The `/metrics` listener out of file descriptors (EMFILE): a real gateway process started
+/// with a descriptor limit just above what it holds once running, then flooded with
+/// connections. Accepting fails again and again; the listener backs off instead of spinning
+/// (the process stays nearly idle), and serves again once the flood lets go.
+#[test]
+fn the_metrics_listener_backs_off_when_out_of_descriptors() {
+    // What a running gateway holds: measured on one, then another started with that + 3.
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = gateway_process(probe_dir.path(), "");
+    let held = std::fs::read_dir(format!("/proc/{}/fd", probe.proc.0.id()))
+        .unwrap()
+        .count();
+    drop(probe);
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = gateway_process_limited(tmp.path(), "", Some(held + 3));
+    let pid = gateway.proc.0.id();
+    let mut flood = Vec::new();
+    for _ in 0..16 {
+        flood.push(std::net::TcpStream::connect(gateway.admin).unwrap());
+    }
+    // Wait until the process is out of descriptors (the flood took the last ones).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+        < held + 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "descriptors never ran out"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // What the process uses while accepts fail, over a window of wall time.
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let (t0, c0) = (std::time::Instant::now(), cpu_ticks(pid));
+    while t0.elapsed() < std::time::Duration::from_secs(3) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let busy = (cpu_ticks(pid) - c0) as f64 / ticks_per_sec / t0.elapsed().as_secs_f64();
+    assert!(
+        busy < 0.25,
+        "the gateway used {:.0} % of a core while accepts failed",
+        busy * 100.0
+    );
+    // The flood lets go: its connections close, descriptors come back, /healthz answers.
+    drop(flood);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ok = std::net::TcpStream::connect(gateway.admin)
+            .ok()
+            .and_then(|mut tcp| {
+                use std::io::{Read, Write};
+                tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .ok()?;
+                tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .ok()?;
+                let mut got = String::new();
+                tcp.read_to_string(&mut got).ok()?;
+                Some(got.starts_with("HTTP/1.1 200"))
+            });
+        if ok == Some(true) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthz never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
