@@ -983,9 +983,9 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// The `/metrics` listener out of file descriptors (EMFILE): a real gateway process started
-/// with a descriptor limit just above what it holds once running, then flooded with
-/// connections. Accepting fails again and again; the listener backs off instead of spinning
+/// The `/metrics` listener and the issuer API out of file descriptors (EMFILE): a real
+/// gateway process started with a descriptor limit just above what it holds once running,
+/// then flooded with connections. Accepting fails again and again; the listener backs off instead of spinning
 /// (the process stays nearly idle), and serves again once the flood lets go.
 #[test]
 fn the_metrics_listener_backs_off_when_out_of_descriptors() {
@@ -999,9 +999,11 @@ fn the_metrics_listener_backs_off_when_out_of_descriptors() {
     let tmp = tempfile::tempdir().unwrap();
     let gateway = gateway_process_limited(tmp.path(), "", Some(held + 3));
     let pid = gateway.proc.0.id();
+    // Both the admin listener and the issuer API are flooded.
     let mut flood = Vec::new();
     for _ in 0..16 {
         flood.push(std::net::TcpStream::connect(gateway.admin).unwrap());
+        flood.push(std::net::TcpStream::connect(gateway.issuer).unwrap());
     }
     // Wait until the process is out of descriptors (the flood took the last ones).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -140,14 +140,28 @@ pub async fn serve_issuer_api(
     let mut sequence = issuer.bundle_sequence();
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
+    // Failing accepts (EMFILE and friends) back off, 10 ms doubling to 1 s, not spin.
+    let mut backoff: Option<Duration> = None;
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = None;
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
+                    let pause = backoff.map_or(Duration::from_millis(10), |p| {
+                        (p * 2).min(Duration::from_secs(1))
+                    });
+                    if backoff.is_none() {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                    }
+                    backoff = Some(pause);
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
         };
