@@ -1056,3 +1056,40 @@ fn the_metrics_listener_backs_off_when_out_of_descriptors() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Peer `c` advertises `b`'s gateway address as its own. Dialing it as `c` fails (it is
+/// `b` there) and is remembered as unreachable, but only for `c`: `b` itself is reached
+/// at once right after, however often `c`'s calls failed.
+#[tokio::test]
+async fn a_peer_advertising_anothers_address_cannot_black_hole_it() {
+    use crate::federation_support::{Member, MemberSpec};
+    let up = echo_upstream().await;
+    let a = Member::start(MemberSpec::new("a", vec![])).await;
+    let b = Member::start(MemberSpec::new(
+        "b",
+        vec![service("orders", "shop", up, &["a"])],
+    ))
+    .await;
+    let c = Member::start(MemberSpec::new(
+        "c",
+        vec![service("inventory", "shop", up, &["a"])],
+    ))
+    .await;
+    let now = std::time::SystemTime::now();
+    // No sync: the services come from the links, so `a` holds no connection to `b` yet.
+    let mut to_b = b.link(0);
+    to_b.services = vec!["orders.shop".into()];
+    let mut to_c = c.link(0);
+    to_c.services = vec!["inventory.shop".into()];
+    to_c.gateways = vec![b.gateway.addrs().tunnel];
+    a.fed.add_link(to_b, now).unwrap();
+    a.fed.add_link(to_c, now).unwrap();
+    b.fed.add_link(a.link(0), now).unwrap();
+    let web = a.client("/ns/shop/sa/web");
+    for _ in 0..6 {
+        let reply = web.get("inventory.shop.c.mesh", "/v1").await.unwrap();
+        assert!(reply.status.is_server_error(), "{}", reply.status);
+    }
+    let reply = web.get("orders.shop.b.mesh", "/v1").await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
