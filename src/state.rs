@@ -12,8 +12,7 @@
 //! the `sled::Db` to the crates, which open their own trees in it.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -103,25 +102,14 @@ impl State {
     /// on first use. A file readable by others, or of another length, is refused.
     pub fn secret(&self, name: &str) -> anyhow::Result<[u8; 32]> {
         let path = self.keys_dir().join(name);
-        match fs::metadata(&path) {
-            Ok(meta) => {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    bail!(
-                        "`{}` is readable by others (mode {:o}); run `chmod 600` on it",
-                        path.display(),
-                        meta.permissions().mode() & 0o777
-                    );
-                }
-                let bytes =
-                    fs::read(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
-                <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-                    anyhow::anyhow!(
-                        "`{}` holds {} bytes, a secret is 32; remove it to have a new one made",
-                        path.display(),
-                        bytes.len()
-                    )
-                })
-            }
+        match meshgate_identity::read_private(&path) {
+            Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                anyhow::anyhow!(
+                    "`{}` holds {} bytes, a secret is 32; remove it to have a new one made",
+                    path.display(),
+                    bytes.len()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret: [u8; 32] = rand::random();
                 write_private(&path, &secret)?;
@@ -148,31 +136,10 @@ impl State {
     }
 }
 
-/// Writes a private file atomically: a 0600 temp file beside it, fsync, rename, fsync dir.
+/// Writes a private file (0600) atomically.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("`{}` has no parent directory", path.display()))?;
-    let name = path
-        .file_name()
-        .map_or_else(|| "key".into(), |n| n.to_string_lossy());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create `{}`", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write `{}`", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move the key into `{}`", path.display()))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync `{}`", dir.display()))?;
-    Ok(())
+    meshgate_identity::write_atomic(path, bytes, 0o600)
+        .with_context(|| format!("cannot write `{}`", path.display()))
 }
 
 #[cfg(test)]
@@ -193,10 +160,10 @@ mod tests {
         assert_ne!(state.secret("other.key").unwrap(), first);
 
         fs::write(&path, b"short").unwrap();
-        let err = state.secret("s.key").unwrap_err().to_string();
+        let err = format!("{:#}", state.secret("s.key").unwrap_err());
         assert!(err.contains("holds 5 bytes"), "{err}");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = state.secret("s.key").unwrap_err().to_string();
-        assert!(err.contains("readable by others"), "{err}");
+        let err = format!("{:#}", state.secret("s.key").unwrap_err());
+        assert!(err.contains("readable by the owner only"), "{err}");
     }
 }

@@ -198,7 +198,10 @@ impl Federation {
                 }
                 json(StatusCode::OK, &self.witness_heads(td, &doc.checkpoints))
             }
-            (&Method::GET, WITNESSED_PATH) => match self.store().witnessed(td.as_str()) {
+            (&Method::GET, WITNESSED_PATH) => match self
+                .store()
+                .witnessed_recent(td.as_str(), crate::witnessing::MAX_SERVED_HEADS)
+            {
                 Ok(checkpoints) => json(
                     StatusCode::OK,
                     &CheckpointsDoc {

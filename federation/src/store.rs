@@ -127,6 +127,43 @@ impl Store {
             .collect()
     }
 
+    /// The latest `n` checkpoints of `td`'s log held here, oldest first.
+    pub fn witnessed_recent(&self, td: &str, n: usize) -> Result<Vec<Checkpoint>, FederationError> {
+        let mut prefix = td.as_bytes().to_vec();
+        prefix.push(0);
+        let mut recent: Vec<Checkpoint> = self
+            .witness
+            .scan_prefix(&prefix)
+            .rev()
+            .take(n)
+            .map(|item| {
+                let (_, v) = item?;
+                serde_json::from_slice(&v).map_err(FederationError::encoding)
+            })
+            .collect::<Result<_, _>>()?;
+        recent.reverse();
+        Ok(recent)
+    }
+
+    /// The checkpoints of `td`'s log held here at the sequence numbers `seqs`, plus the latest
+    /// one held: what admitting offered heads needs, read without the whole history.
+    pub fn witnessed_for(
+        &self,
+        td: &str,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Result<Vec<Checkpoint>, FederationError> {
+        let mut held = self.witnessed_recent(td, 1)?;
+        for seq in seqs {
+            let mut k = td.as_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(&seq.to_be_bytes());
+            if let Some(v) = self.witness.get(k)? {
+                held.push(serde_json::from_slice(&v).map_err(FederationError::encoding)?);
+            }
+        }
+        Ok(held)
+    }
+
     /// The checkpoint key pinned for `td`.
     pub fn witness_key(&self, td: &str) -> Result<Option<String>, FederationError> {
         let mut key = td.as_bytes().to_vec();
@@ -156,7 +193,9 @@ impl Store {
             batch.insert(k, json);
         }
         self.witness.apply_batch(batch)?;
-        self.db.flush()?;
+        // No synchronous flush here (this runs on the async runtime, once a second per peer):
+        // sled writes its log to disk within its flush interval (500 ms), so a crash of this
+        // process loses at most the heads of the last half second, which the peer pushes again.
         Ok(())
     }
 }

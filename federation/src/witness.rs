@@ -82,6 +82,14 @@ pub struct WitnessReport {
     /// it lacks (the log was truncated or rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated_before: Option<u64>,
+    /// Heads signed by another key than the log's own checkpoint key: not heads of this log
+    /// (a witness cannot forge one), ignored.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub foreign: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl WitnessReport {
@@ -98,18 +106,32 @@ pub fn verify_against(log: &DecisionLog, heads: &[Checkpoint]) -> Result<Witness
     let wanted: BTreeSet<u64> = heads.iter().map(|h| h.seq).collect();
     let found = log.hashes_at(&wanted)?;
     let first = (found.head_seq >= found.first_seq).then_some(found.first_seq);
-    Ok(check_heads(&found.hashes, first, found.head_seq, heads))
+    Ok(check_heads(
+        &found.hashes,
+        first,
+        found.head_seq,
+        log.pinned_key(),
+        heads,
+    ))
 }
 
 /// The comparison itself: `hashes` are the local records' hashes by sequence (at least those
-/// the heads name), `first_seq` the first retained record, `head_seq` the last.
+/// the heads name), `first_seq` the first retained record, `head_seq` the last, `key` the
+/// log's own checkpoint key when known (heads signed by any other key are ignored and
+/// counted as foreign: a witness, even a hostile one, cannot forge a head of this log).
 pub fn check_heads(
     hashes: &BTreeMap<u64, String>,
     first_seq: Option<u64>,
     head_seq: u64,
+    key: Option<&str>,
     heads: &[Checkpoint],
 ) -> WitnessReport {
     let mut report = WitnessReport::default();
+    let (heads, foreign): (Vec<&Checkpoint>, Vec<&Checkpoint>) = heads
+        .iter()
+        .partition(|h| key.is_none_or(|k| k == h.public_key));
+    report.foreign = foreign.len();
+    let heads: Vec<Checkpoint> = heads.into_iter().cloned().collect();
     // A log that ends before heads a peer witnessed lost them: name the highest one.
     let lacking = heads
         .iter()
@@ -165,4 +187,90 @@ pub struct WitnessFile {
     pub witness: String,
     /// The heads, oldest first.
     pub checkpoints: Vec<Checkpoint>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use meshgate_policy::{CheckpointSigner, DecisionKind, DecisionRecordInput, LogOptions};
+
+    use super::*;
+
+    fn record(n: u64) -> DecisionRecordInput {
+        DecisionRecordInput {
+            time: SystemTime::now(),
+            id: None,
+            trace_id: None,
+            source_gateway: None,
+            decision: DecisionKind::Allow,
+            principal: format!("spiffe://west.example/ns/shop/sa/w{n}"),
+            action: "GET".to_owned(),
+            resource: "orders.shop.west".to_owned(),
+            method: "GET".to_owned(),
+            raw_path: "/".to_owned(),
+            path: "/".to_owned(),
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            shadow: None,
+            policy_version: "v".to_owned(),
+            quota_key: None,
+            quota_remaining: None,
+            status: None,
+            facts: None,
+        }
+    }
+
+    /// A real log with its own checkpoint key and `n` records; its head signed.
+    fn log(dir: &std::path::Path, n: u64) -> (DecisionLog, Checkpoint) {
+        let (signer, _) = CheckpointSigner::generate().unwrap();
+        let log = DecisionLog::open(dir, Some(signer), LogOptions::default()).unwrap();
+        for i in 0..n {
+            log.append(record(i)).unwrap();
+        }
+        let head = log.checkpoint(SystemTime::now()).unwrap();
+        (log, head)
+    }
+
+    #[test]
+    fn a_head_signed_by_another_key_is_not_a_head_of_this_log() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ours, our_head) = log(a.path(), 3);
+        // A hostile witness's validly signed head far beyond our end, under its own key.
+        let (_, forged) = log(b.path(), 9);
+        assert!(forged.signature_valid() && forged.seq > our_head.seq);
+        let report = verify_against(&ours, &[our_head.clone(), forged]).unwrap();
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!((report.matched, report.foreign), (1, 1));
+        assert_eq!(report.truncated_before, None);
+        // Without the key (an unknown log) the same head reads as a rollback: the key is what
+        // tells them apart.
+        let hashes = BTreeMap::from([(our_head.seq, our_head.head_hash.clone())]);
+        let (_, forged) = log(tempfile::tempdir().unwrap().path(), 9);
+        let blind = check_heads(&hashes, Some(1), our_head.seq, None, &[forged]);
+        assert!(blind.truncated_before.is_some());
+    }
+
+    #[test]
+    fn a_log_that_ends_before_a_witnessed_head_is_named_rolled_back() {
+        let a = tempfile::tempdir().unwrap();
+        let (ours, early) = log(a.path(), 2);
+        for i in 0..3 {
+            ours.append(record(10 + i)).unwrap();
+        }
+        let late = ours.checkpoint(SystemTime::now()).unwrap();
+        let hashes = BTreeMap::from([(early.seq, early.head_hash.clone())]);
+        let report = check_heads(
+            &hashes,
+            Some(1),
+            early.seq,
+            ours.pinned_key(),
+            &[early.clone(), late.clone()],
+        );
+        assert_eq!(report.truncated_before, Some(late.seq));
+        assert!(
+            report.problems[0].contains("truncated or rolled back"),
+            "{report:?}"
+        );
+    }
 }

@@ -21,6 +21,12 @@ use crate::witness::{self, WitnessReport};
 pub const PUSH_EVERY: Duration = Duration::from_secs(1);
 /// The self-check against a peer runs after a sync at most this often.
 pub const SELF_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// One push to one peer gateway gives up after this long.
+pub const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most heads a peer serves of our log for the self-check (the latest ones, ~400 KiB):
+/// enough to name a rollback (the highest head is among them) and forks of the last
+/// ~15 minutes at one head a second.
+pub const MAX_SERVED_HEADS: usize = 1000;
 
 /// The answer to pushed heads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,10 +54,14 @@ impl Federation {
     /// Admits heads of `td`'s log, fetched from it or pushed by it, as its witness: append
     /// only, by the key pinned for it (see `witness::admit`).
     pub(crate) fn witness_heads(&self, td: &TrustDomain, offered: &[Checkpoint]) -> WitnessAck {
-        let admitted = self.store().witnessed(td.as_str()).and_then(|held| {
-            let pinned = self.store().witness_key(td.as_str())?;
-            Ok((witness::admit(&held, pinned.as_deref(), offered), held))
-        });
+        let seqs = offered.iter().map(|c| c.seq);
+        let admitted = self
+            .store()
+            .witnessed_for(td.as_str(), seqs)
+            .and_then(|held| {
+                let pinned = self.store().witness_key(td.as_str())?;
+                Ok((witness::admit(&held, pinned.as_deref(), offered), held))
+            });
         let (a, held) = match admitted {
             Ok(x) => x,
             Err(e) => {
@@ -84,7 +94,8 @@ impl Federation {
         }
     }
 
-    /// Pushes `head` (our latest signed head) to every linked peer; returns how many hold it.
+    /// Pushes `head` (our latest signed head) to every linked peer at once, each bounded by
+    /// [`PUSH_TIMEOUT`], so a stalled peer delays no other; returns how many hold it.
     pub async fn push_head(&self, head: &Checkpoint) -> usize {
         let Some(transport) = self.transport.get().cloned() else {
             return 0;
@@ -103,25 +114,36 @@ impl Federation {
             .filter(|(_, p)| !p.closed)
             .map(|(td, p)| (td.clone(), p.addresses()))
             .collect();
-        let mut holding = 0;
+        let mut pushes = tokio::task::JoinSet::new();
         for (td, addrs) in targets {
-            for addr in addrs {
-                let req = crate::sync::request(&td, Method::POST, CHECKPOINTS_PATH, body.clone());
-                match transport.send(addr, &td, req).await {
-                    Ok(resp) => {
-                        let ack: Option<WitnessAck> = serde_json::from_slice(resp.body()).ok();
-                        if ack.as_ref().is_some_and(|a| a.held_seq >= Some(head.seq)) {
-                            holding += 1;
-                        } else {
+            let (transport, body, seq) = (transport.clone(), body.clone(), head.seq);
+            pushes.spawn(async move {
+                for addr in addrs {
+                    let req =
+                        crate::sync::request(&td, Method::POST, CHECKPOINTS_PATH, body.clone());
+                    match tokio::time::timeout(PUSH_TIMEOUT, transport.send(addr, &td, req)).await {
+                        Ok(Ok(resp)) => {
+                            let ack: Option<WitnessAck> = serde_json::from_slice(resp.body()).ok();
+                            if ack.as_ref().is_some_and(|a| a.held_seq >= Some(seq)) {
+                                return true;
+                            }
                             tracing::warn!(trust_domain = %td, status = %resp.status(), ack = ?ack, "peer did not take our checkpoint");
+                            return false;
                         }
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(trust_domain = %td, %addr, error = %e, "checkpoint push failed")
+                        Ok(Err(e)) => {
+                            tracing::debug!(trust_domain = %td, %addr, error = %e, "checkpoint push failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(trust_domain = %td, %addr, "checkpoint push timed out")
+                        }
                     }
                 }
-            }
+                false
+            });
+        }
+        let mut holding = 0;
+        while let Some(held) = pushes.join_next().await {
+            holding += usize::from(held.unwrap_or(false));
         }
         holding
     }
@@ -129,13 +151,18 @@ impl Federation {
     /// Compares our log with the heads the peer `td` holds of it; remembers the result (for
     /// `status` and `/metrics`) and logs a disagreement as an error.
     pub async fn check_witness(&self, td: &TrustDomain) -> Result<WitnessReport, String> {
-        let log = self.log().cloned().ok_or("no decision log")?;
-        let doc = self.fetch_witnessed(td).await?;
-        let report =
-            tokio::task::spawn_blocking(move || witness::verify_against(&log, &doc.checkpoints))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        let outcome = self.run_self_check(td).await;
+        if let Err(e) = &outcome
+            && let Some(p) = self.write().get_mut(td)
+        {
+            // Not checked: the metric says so (-1) instead of keeping an old answer.
+            p.self_check = SelfCheck {
+                at: Some(Instant::now()),
+                mismatch: None,
+                problem: Some(e.clone()),
+            };
+        }
+        let report = outcome?;
         let mismatch = !report.is_ok();
         if mismatch {
             for p in &report.problems {
@@ -150,6 +177,22 @@ impl Federation {
             };
         }
         Ok(report)
+    }
+
+    async fn run_self_check(&self, td: &TrustDomain) -> Result<WitnessReport, String> {
+        let log = self.log().cloned().ok_or("no decision log")?;
+        let doc = self.fetch_witnessed(td).await?;
+        let ours = self.local().trust_domain.to_string();
+        if doc.trust_domain != ours {
+            return Err(format!(
+                "the peer answered with heads of `{}`, not of `{ours}`",
+                doc.trust_domain
+            ));
+        }
+        tokio::task::spawn_blocking(move || witness::verify_against(&log, &doc.checkpoints))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     /// Whether the self-check against `td` is due (never ran, or ran a while ago).

@@ -363,6 +363,7 @@ fn admin_event(state: &State, what: &str) -> CliResult<()> {
 /// re-signed log passes its own verification but disagrees with a witnessed head.
 pub fn verify_witnesses(
     backend: &dyn super::audit::AuditBackend,
+    key: Option<&str>,
     files: &[PathBuf],
     json: bool,
 ) -> CliResult<Outcome> {
@@ -383,7 +384,13 @@ pub fn verify_witnesses(
         .collect();
     let first = records.first().map(|r| r.seq);
     let head = records.last().map_or(0, |r| r.seq);
-    let report = meshgate_federation::witness::check_heads(&hashes, first, head, &heads);
+    let report = meshgate_federation::witness::check_heads(&hashes, first, head, key, &heads);
+    if report.foreign > 0 && !json {
+        println!(
+            "witnesses: {} head(s) signed by another key than this log's were ignored",
+            report.foreign
+        );
+    }
     if json {
         print_json(&report)?;
     } else if report.is_ok() {

@@ -119,21 +119,31 @@ pub async fn start(
     }
 }
 
-/// `[audit] witness_check = "strict"`: before serving, each peer that answers is asked for
-/// the heads it holds of our log; a disagreement refuses the start (a peer that cannot be
-/// reached is only logged: the periodic self-check will ask again).
+/// `[audit] witness_check = "strict"`: right after the listeners open (the peers are asked
+/// over the gateway's own tunnel), each peer that answers is asked for the heads it holds of
+/// our log; a disagreement stops the gateway with an error (a peer that cannot be reached is
+/// only logged: the periodic self-check will ask again).
 pub async fn check_witnesses(fed: &Arc<Federation>) -> CliResult<()> {
     let peers: Vec<TrustDomain> = fed
         .status(SystemTime::now())
         .iter()
         .filter_map(|s| s.trust_domain.parse().ok())
         .collect();
+    // All peers at once, under one bound: a slow peer delays the verdict by 10 s at most.
+    let mut checks = tokio::task::JoinSet::new();
     for td in peers {
-        let checked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            fed.sync_now(&td).await?;
-            fed.check_witness(&td).await
-        })
-        .await;
+        let fed = fed.clone();
+        checks.spawn(async move {
+            let checked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                fed.sync_now(&td).await?;
+                fed.check_witness(&td).await
+            })
+            .await;
+            (td, checked)
+        });
+    }
+    while let Some(joined) = checks.join_next().await {
+        let Ok((td, checked)) = joined else { continue };
         match checked {
             Ok(Ok(report)) if !report.is_ok() => {
                 return Err(crate::exit::CliError::internal(anyhow::anyhow!(

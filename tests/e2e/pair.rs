@@ -78,6 +78,10 @@ admin = "{admin}"
 dir = "policies"
 [audit]
 witness_check = "{witness_check}"
+[limits]
+# Far longer than any test waits: a test that passes shows the stale connection was dropped
+# at once (CONNECTION_CLOSE, stateless reset), not after the idle timeout.
+peer_dead_after = "120s"
 [[services]]
 name = "orders"
 namespace = "shop"

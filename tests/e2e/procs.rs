@@ -79,6 +79,27 @@ pub fn wait_admin_socket(state: &Path) {
     }
 }
 
+/// Runs `cmd` to its end like `Command::output`, but fails the test (killing the process)
+/// if it has not exited within [`READY_TIMEOUT`]: a regression makes the test fail, not hang.
+pub fn output_within(cmd: &mut Command) -> Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not exit within {READY_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Sends SIGINT (Ctrl-C) to `child` and waits for it to exit.
 pub fn interrupt(child: &mut Child) -> std::process::ExitStatus {
     let status = Command::new("kill")

@@ -5,10 +5,10 @@
 //! mismatch on `/metrics`, and in strict mode refuses to start.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::pair::{Cluster, WEB, call_orders, issue, wait_for};
-use crate::procs::{BIN, arg, interrupt, meshgate, run};
+use crate::procs::{BIN, arg, interrupt, meshgate, output_within, run};
 
 /// The highest seq of west's heads east holds (through east's admin socket while it runs).
 fn witnessed_by_east(east: &Cluster) -> (Option<u64>, String) {
@@ -114,12 +114,11 @@ fn a_rolled_back_log_is_named_by_its_witnesses() {
 
     // Strict: refuses to start, saying why.
     west.write_config(&east, upstream, "strict");
-    let out = Command::new(BIN)
-        .args(["gateway", "--config", &arg(&west.dir.join("gateway.toml"))])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = output_within(Command::new(BIN).args([
+        "gateway",
+        "--config",
+        &arg(&west.dir.join("gateway.toml")),
+    ]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("refusing to start"), "{err}");

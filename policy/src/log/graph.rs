@@ -134,7 +134,7 @@ impl GraphBuilder {
         if r.decision == DecisionKind::Admin {
             return;
         }
-        let from = caller_node(&r.principal, self.grouping);
+        let (from, _) = caller_node(&r.principal, self.grouping);
         let edge = self
             .edges
             .entry((from.clone(), r.resource.clone()))
@@ -146,11 +146,13 @@ impl GraphBuilder {
                 last: r.time.clone(),
             });
         edge.counts.add(r.decision);
-        // RFC 3339 times in UTC with the same precision order as text.
-        if r.time < edge.first {
+        // Compared as times: RFC 3339 text with trimmed fractions does not sort as text.
+        let at = r.system_time();
+        let parsed = |t: &str| crate::timefmt::parse_rfc3339(t);
+        if at < parsed(&edge.first) {
             edge.first.clone_from(&r.time);
         }
-        if r.time > edge.last {
+        if at > parsed(&edge.last) {
             edge.last.clone_from(&r.time);
         }
         self.decisions += 1;
@@ -159,16 +161,29 @@ impl GraphBuilder {
     pub fn finish(self) -> ServiceGraph {
         let mut nodes = BTreeSet::new();
         for edge in self.edges.values() {
-            let (kind, domain) = caller_kind(&edge.from, self.grouping);
+            let (_, kind) = caller_node(&edge.from, self.grouping);
+            let domain = edge
+                .from
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default()
+                .to_owned();
             nodes.insert(Node {
                 id: edge.from.clone(),
                 kind,
                 domain,
             });
+            // `<service>.<namespace>.<cluster>`; a refusal of a name that never resolved
+            // records what the caller sent, whose cluster is unknown.
+            let labels: Vec<&str> = edge.to.split('.').collect();
+            let cluster = match labels[..] {
+                [_, _, cluster] => cluster,
+                _ => "unknown",
+            };
             nodes.insert(Node {
                 id: edge.to.clone(),
                 kind: "service",
-                domain: edge.to.rsplit('.').next().unwrap_or_default().to_owned(),
+                domain: cluster.to_owned(),
             });
         }
         ServiceGraph {
@@ -179,32 +194,18 @@ impl GraphBuilder {
     }
 }
 
-/// The node a principal belongs to.
-fn caller_node(principal: &str, grouping: CallerGrouping) -> String {
+/// The node a principal belongs to, and its kind (`workload` or `namespace`).
+fn caller_node(principal: &str, grouping: CallerGrouping) -> (String, &'static str) {
     if principal.is_empty() {
-        return UNAUTHENTICATED.to_owned();
+        return (UNAUTHENTICATED.to_owned(), "workload");
     }
     if grouping == CallerGrouping::Namespace
         && let Some(rest) = principal.strip_prefix("spiffe://")
         && let [td, "ns", ns, ..] = rest.split('/').collect::<Vec<_>>()[..]
     {
-        return format!("spiffe://{td}/ns/{ns}");
+        return (format!("spiffe://{td}/ns/{ns}"), "namespace");
     }
-    principal.to_owned()
-}
-
-/// A caller node's kind and trust domain.
-fn caller_kind(node: &str, grouping: CallerGrouping) -> (&'static str, String) {
-    let td = node
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_default()
-        .to_owned();
-    let kind = match grouping {
-        CallerGrouping::Namespace if node.matches('/').count() == 4 => "namespace",
-        _ => "workload",
-    };
-    (kind, td)
+    (principal.to_owned(), "workload")
 }
 
 impl ServiceGraph {
