@@ -13,6 +13,7 @@ mod gateway;
 mod gateway_cli;
 mod gateway_ops;
 mod hardening;
+mod hardening_limits;
 mod identity_cli;
 mod pair;
 mod policy_cli;
