@@ -209,15 +209,12 @@ impl AuditCommand {
                 if witnesses.is_empty() {
                     return Ok(chain);
                 }
-                // The log's own checkpoint key: heads signed by another are not of this log.
-                // (Read from the log's own files: the backend may hold the state open.)
+                // Read from the log's own files (the backend may hold the state open).
                 let dir = State::audit_dir_in(&state);
                 let log = DecisionLog::open_read_only(&dir, None).internal_ctx(|| {
                     format!("cannot open the decision log in `{}`", dir.display())
                 })?;
-                let key = log.pinned_key();
-                let witnessed =
-                    super::federation::verify_witnesses(backend.as_ref(), key, &witnesses, json)?;
+                let witnessed = super::federation::verify_witnesses(&log, &witnesses, json)?;
                 Ok(if chain == Outcome::Yes && witnessed == Outcome::Yes {
                     Outcome::Yes
                 } else {

@@ -362,8 +362,7 @@ fn admin_event(state: &State, what: &str) -> CliResult<()> {
 /// hold of it (files from the peers' `meshgate federation witnessed`). A rewritten and
 /// re-signed log passes its own verification but disagrees with a witnessed head.
 pub fn verify_witnesses(
-    backend: &dyn super::audit::AuditBackend,
-    key: Option<&str>,
+    log: &meshgate_policy::DecisionLog,
     files: &[PathBuf],
     json: bool,
 ) -> CliResult<Outcome> {
@@ -375,16 +374,10 @@ pub fn verify_witnesses(
             .input_ctx(|| format!("`{}` is not a witness file", path.display()))?;
         heads.extend(file.checkpoints);
     }
-    let records = backend.query(&meshgate_policy::Filter::default())?;
-    let wanted: std::collections::BTreeSet<u64> = heads.iter().map(|h| h.seq).collect();
-    let hashes = records
-        .iter()
-        .filter(|r| wanted.contains(&r.seq))
-        .map(|r| (r.seq, r.hash.clone()))
-        .collect();
-    let first = records.first().map(|r| r.seq);
-    let head = records.last().map_or(0, |r| r.seq);
-    let report = meshgate_federation::witness::check_heads(&hashes, first, head, key, &heads);
+    // Reads only the records the heads name; heads signed by another key than the log's
+    // own are not of this log and are ignored.
+    let report = meshgate_federation::witness::verify_against(log, &heads).internal_err()?;
+    let head = log.head().0;
     if report.foreign > 0 && !json {
         println!(
             "witnesses: {} head(s) signed by another key than this log's were ignored",
