@@ -132,6 +132,11 @@ impl DecisionLog {
                 .range(*first..next.unwrap_or(u64::MAX))
                 .next()
                 .is_some();
+            if last {
+                // Records before this segment's first one exist (in the segments before it,
+                // which may have been skipped), even when it holds none yet.
+                out.head_seq = out.head_seq.max(first.saturating_sub(1));
+            }
             if !wanted && !last {
                 continue;
             }

@@ -730,3 +730,17 @@ fn the_disk_budget_refuses_appends_until_pruned() {
     assert!(log.disk_usage().unwrap().0 < used);
     log.append(input(5000)).unwrap();
 }
+
+#[test]
+fn hashes_at_knows_the_head_whatever_segments_it_skips() {
+    // One record per segment: asking for record 2 skips the segments after it, and the last
+    // segment may hold no record yet; the head is still the last record written.
+    let (_d, log) = filled_with(6, None, one_record_per_segment());
+    let found = log
+        .hashes_at(&std::collections::BTreeSet::from([2]))
+        .unwrap();
+    assert_eq!(found.head_seq, 6);
+    assert_eq!(found.hashes.len(), 1);
+    let found = log.hashes_at(&std::collections::BTreeSet::new()).unwrap();
+    assert_eq!(found.head_seq, 6);
+}
