@@ -288,7 +288,15 @@ impl IdentityCommand {
                 listen,
                 dns_names,
                 ips,
-            } => serve(&state, listen, dns_names, ips)?,
+            } => {
+                if AdminClient::live(&state.dir)?.is_some() {
+                    return Err(CliError::input(anyhow::anyhow!(
+                        "a gateway is running on `{}` and holds its state; it serves the issuer API itself: set `listeners.issuer = \"{listen}\"` in its config instead",
+                        state.dir.display()
+                    )));
+                }
+                serve(&state, listen, dns_names, ips)?
+            }
             Self::Agent {
                 issuer,
                 bundle,

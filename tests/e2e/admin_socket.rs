@@ -397,6 +397,22 @@ async fn cli_state_commands_go_through_the_running_gateway() {
         "{:?}",
         text(&status)
     );
+    // `identity serve` would be a second issuer on the same state: it points to the
+    // gateway's own issuer listener instead.
+    let serve = run(&[
+        "identity",
+        "serve",
+        "--state",
+        &st,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(serve.status.code(), Some(2), "{:?}", text(&serve));
+    assert!(
+        text(&serve).1.contains("listeners.issuer"),
+        "{:?}",
+        text(&serve)
+    );
     // Each change above was recorded by the gateway as an admin event.
     let events = meshgate(&["audit", "query", &st, "--decision", "admin", "--json"]);
     let events: Vec<serde_json::Value> = serde_json::from_slice(&events.stdout).unwrap();
