@@ -264,6 +264,11 @@ impl Federation {
         // whatever was cached, even with a higher sequence (a compromised peer's push).
         state.confirmed_at = Some(unix(now));
         let td = self.install(link, state, now, true)?;
+        // Connections made under the trust being replaced (a compromised peer's rogue root)
+        // must not outlive it: close them all; the genuine peer redials under the new bundle.
+        if let Some(t) = self.transport.get() {
+            t.disconnect(&td);
+        }
         if self.runtime.get().is_some() {
             self.spawn_peer(&td);
         }

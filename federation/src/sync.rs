@@ -149,7 +149,7 @@ impl Federation {
         let services = imported_services(td, f.services.services);
         let catalog_changed = p.state.imported != services || !p.healthy;
         p.state.imported = services;
-        p.state.endpoints = f.endpoints.gateways;
+        p.state.endpoints = peer_endpoints(td, f.endpoints.gateways);
         p.state.last_sync = Some(unix(now));
         p.state.last_error = None;
         p.healthy = true;
@@ -374,4 +374,57 @@ pub(crate) fn imported_services(td: &TrustDomain, names: Vec<String>) -> Vec<Str
         tracing::warn!(trust_domain = %td, skipped = bad.len(), "more service names of the peer skipped");
     }
     good
+}
+
+/// Most gateway addresses taken from one peer's endpoints document (a peer is a few
+/// gateways; a longer list only costs every request to it).
+pub(crate) const MAX_PEER_ENDPOINTS: usize = 64;
+
+/// The addresses a peer advertises for its gateways, as used: unspecified addresses and
+/// repeats dropped, at most [`MAX_PEER_ENDPOINTS`] kept (the rest logged).
+fn peer_endpoints(
+    td: &TrustDomain,
+    advertised: Vec<std::net::SocketAddr>,
+) -> Vec<std::net::SocketAddr> {
+    let mut seen = std::collections::HashSet::new();
+    let total = advertised.len();
+    let kept: Vec<_> = advertised
+        .into_iter()
+        .filter(|a| !a.ip().is_unspecified() && a.port() != 0 && seen.insert(*a))
+        .take(MAX_PEER_ENDPOINTS)
+        .collect();
+    if kept.len() < total {
+        tracing::warn!(trust_domain = %td, advertised = total, kept = kept.len(), "peer advertised unusable, repeated or too many gateway addresses; the rest are ignored");
+    }
+    kept
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_cannot_advertise_endless_gateways() {
+        let td: TrustDomain = "b.example".parse().unwrap();
+        let many: Vec<std::net::SocketAddr> = (0..10_000u32)
+            .map(|i| std::net::SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 443)))
+            .chain([
+                "0.0.0.0:443".parse().unwrap(),
+                "10.0.0.0:443".parse().unwrap(),
+            ])
+            .collect();
+        let kept = peer_endpoints(&td, many);
+        assert_eq!(kept.len(), MAX_PEER_ENDPOINTS);
+        assert_eq!(kept[0], "10.0.0.0:443".parse().unwrap());
+        let odd = vec![
+            "0.0.0.0:443".parse().unwrap(),
+            "10.0.0.1:0".parse().unwrap(),
+            "10.0.0.1:443".parse().unwrap(),
+            "10.0.0.1:443".parse().unwrap(),
+        ];
+        assert_eq!(
+            peer_endpoints(&td, odd),
+            vec!["10.0.0.1:443".parse().unwrap()]
+        );
+    }
 }

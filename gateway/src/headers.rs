@@ -154,10 +154,14 @@ fn parse_traceparent(value: &str) -> Option<String> {
 }
 
 /// Whether a request path addresses the reserved `/.meshgate/` control space, however it
-/// is spelled (dot segments, duplicate slashes, percent-encoding).
+/// is spelled (dot segments, duplicate slashes, percent-encoding). Judged under the most
+/// permissive path rules (double encodings allowed), so an operator's
+/// `paths.allow_double_encoding` cannot open a way around it.
 pub fn is_reserved_path(raw: &str) -> bool {
     let reserved = |p: &str| p == "/.meshgate" || p.starts_with("/.meshgate/");
-    reserved(raw) || meshgate_policy::normalize_path(raw).is_ok_and(|p| reserved(&p))
+    let permissive = meshgate_policy::PathRules::allowing_double_encoding(true);
+    reserved(raw)
+        || meshgate_policy::normalize_path_with(raw, permissive).is_ok_and(|p| reserved(&p))
 }
 
 /// A new request/decision id: 128 random bits, hex.
@@ -233,6 +237,8 @@ mod tests {
             "/a/../.meshgate/x",
             "/%2emeshgate/x",
             "/./.meshgate/x",
+            // Fails the default rules (a double encoding) but is reserved all the same.
+            "/%2Emeshgate/x%2561",
         ] {
             assert!(is_reserved_path(p), "{p}");
         }

@@ -184,6 +184,24 @@ pub struct RotateView {
     pub sequence: u64,
 }
 
+/// `audit prune`: drops whole segments of records before a time, leaving a signed anchor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPrune {
+    pub before: SystemTime,
+}
+
+impl AdminCommand for AuditPrune {
+    const NAME: &'static str = "audit.prune";
+    type Reply = meshgate_policy::PruneReport;
+    fn describe(&self) -> String {
+        format!(
+            "audit prune before {}",
+            meshgate_policy::to_rfc3339(self.before)
+        )
+    }
+}
+
 /// `audit query`: matching records stream as items; the reply is how many.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

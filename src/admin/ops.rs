@@ -8,9 +8,9 @@ use meshgate_identity::{Issuer, IssuerError, RegistrationEntry, SpiffeId};
 use meshgate_policy::{DecisionLog, DecisionRecord, Filter, LoadError, LogError, PolicyEngine};
 
 use super::commands::{
-    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditQuery, AuditVerify, BundleView,
-    EntryCreate, EntryDelete, EntryList, IdentityBundle, IdentityIssue, IdentityRotate, IssuedSvid,
-    PolicyReload, ReloadReply, RotateView, TokenCreate, TokenView, VerifyView,
+    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditPrune, AuditQuery, AuditVerify,
+    BundleView, EntryCreate, EntryDelete, EntryList, IdentityBundle, IdentityIssue, IdentityRotate,
+    IssuedSvid, PolicyReload, ReloadReply, RotateView, TokenCreate, TokenView, VerifyView,
 };
 use super::protocol::AdminError;
 use super::server::Registry;
@@ -52,6 +52,12 @@ pub fn builtin(registry: &mut Registry, ctx: &AdminContext) {
     registry.add(move |_: AuditCheckpoints, _| c.log.checkpoints().map_err(log_err));
     let c = ctx.clone();
     registry.add(move |_: AuditCheckpoint, _| c.log.checkpoint(SystemTime::now()).map_err(log_err));
+    let c = ctx.clone();
+    registry.add(move |cmd: AuditPrune, _| {
+        c.log
+            .prune_before(cmd.before, SystemTime::now())
+            .map_err(log_err)
+    });
     let c = ctx.clone();
     registry.add(move |_: PolicyReload, _| reload(&c.policy));
 }

@@ -19,7 +19,7 @@ use meshgate_policy::{
 
 use super::print_json;
 use crate::admin::commands::{
-    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditQuery, AuditVerify, VerifyView,
+    AuditCheckpoint, AuditCheckpoints, AuditExport, AuditPrune, AuditQuery, AuditVerify, VerifyView,
 };
 use crate::admin::{AdminClient, ops};
 use crate::exit::{CliError, CliResult, Outcome, ResultExt};
@@ -109,6 +109,18 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t = GraphFormat::Json)]
         format: GraphFormat,
     },
+    /// Drop whole segments whose records are all older than `--before`, leaving a signed
+    /// anchor so the rest still verifies (also frees room under `audit.max_disk_mib`).
+    Prune {
+        /// The state directory.
+        state: PathBuf,
+        /// Records before this time may go: RFC 3339, or a duration ago (`30d`).
+        #[arg(long)]
+        before: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a decision log of an earlier version (kept inside `db/`) into the segment files
     /// of `audit/`, byte for byte, verify it there, then drop the old copy. Run it once with
     /// no gateway running; a gateway refuses to start until it is done.
@@ -141,6 +153,40 @@ pub enum ExportFormat {
 impl AuditCommand {
     pub fn run(self) -> CliResult<Outcome> {
         match self {
+            Self::Prune {
+                state,
+                before,
+                json,
+            } => {
+                let before = super::policy::time_or_ago(Some(&before), SystemTime::now())?
+                    .ok_or_else(|| CliError::input(anyhow!("`--before` is required")))?;
+                let cmd = AuditPrune { before };
+                let report = if let Some(client) = AdminClient::live(&state)? {
+                    client.call(&cmd)?
+                } else {
+                    let st = State::open(&state).internal_err()?;
+                    let log = open_appender(&st)?;
+                    let what = crate::admin::protocol::AdminCommand::describe(&cmd);
+                    log.append_admin_event(&whoami(), &what, SystemTime::now())
+                        .internal_err()?;
+                    log.prune_before(before, SystemTime::now()).internal_err()?
+                };
+                if json {
+                    print_json(&report)?;
+                } else {
+                    println!(
+                        "pruned {} records in {} segments{}",
+                        report.removed,
+                        report.segments,
+                        report
+                            .anchor
+                            .as_ref()
+                            .map(|a| format!("; the log now starts after record {}", a.seq))
+                            .unwrap_or_default()
+                    );
+                }
+                Ok(Outcome::Yes)
+            }
             Self::Graph {
                 states,
                 since,

@@ -397,6 +397,10 @@ async fn cli_state_commands_go_through_the_running_gateway() {
         "{:?}",
         text(&status)
     );
+    // `audit prune` through the gateway: nothing is older than an hour, nothing goes.
+    let pruned = meshgate(&["audit", "prune", &st, "--before", "1h", "--json"]);
+    let pruned: serde_json::Value = serde_json::from_slice(&pruned.stdout).unwrap();
+    assert_eq!(pruned["removed"], 0, "{pruned}");
     // `identity serve` would be a second issuer on the same state: it points to the
     // gateway's own issuer listener instead.
     let serve = run(&[

@@ -232,6 +232,34 @@ async fn push_as(
     serde_json::from_slice(resp.body()).unwrap()
 }
 
+/// Whether requests over `send` stop being answered within a minute (the connection was
+/// closed or refused), asking again every 50 ms while they are answered.
+async fn refused_soon(
+    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    td: &meshgate_identity::TrustDomain,
+) -> bool {
+    let refused = async {
+        loop {
+            let req = http::Request::get(format!(
+                "https://{td}{}",
+                meshgate_federation::control::BUNDLE_PATH
+            ))
+            .body(())
+            .unwrap();
+            let Ok(mut stream) = send.send_request(req).await else {
+                return;
+            };
+            if stream.finish().await.is_err() || stream.recv_response().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), refused)
+        .await
+        .is_ok()
+}
+
 /// A bundle for `b`'s trust domain with the roots and keys of `parts`, and `sequence`.
 fn forged_bundle(
     b: &crate::federation_support::Member,
@@ -285,6 +313,20 @@ async fn a_peer_bundle_cannot_outlive_the_operator() {
     assert_eq!(push_as(&b, &a, &slipped).await["accepted"], true);
     let rogue_root = rogue.bundle().x509_roots()[0].clone();
     assert!(held(&a).x509_roots().contains(&rogue_root));
+    // A gateway with a certificate from the rogue root now gets in.
+    let rogue_svid = rogue
+        .issue_x509_svid(
+            &meshgate_identity::SpiffeId::gateway(&b.td),
+            std::time::Duration::from_secs(600),
+            &[],
+            &[],
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let tunnel = a.gateway.addrs().tunnel;
+    let mut rogue_conn = crate::tunnel_attacks::h3_client(tunnel, &a.td, &b.bundles, &rogue_svid)
+        .await
+        .unwrap();
     // ...and the genuine peer's next rotation is now "older".
     let prepared = b
         .issuer
@@ -300,6 +342,22 @@ async fn a_peer_bundle_cannot_outlive_the_operator() {
         .unwrap();
     assert_eq!(held(&a).sequence(), genuine.sequence());
     assert!(!held(&a).x509_roots().contains(&rogue_root));
+    // The rogue gateway's connection is closed (it could otherwise push again) and it cannot
+    // come back: its certificate no longer chains to a trusted root (in TLS 1.3 the server
+    // judges the client's certificate after the client thinks it is done, so a new connection
+    // is refused at its first request, if not sooner).
+    assert!(
+        refused_soon(&mut rogue_conn, &a.td).await,
+        "the rogue gateway's connection stayed open"
+    );
+    if let Ok(mut again) =
+        crate::tunnel_attacks::h3_client(tunnel, &a.td, &b.bundles, &rogue_svid).await
+    {
+        assert!(
+            refused_soon(&mut again, &a.td).await,
+            "the rogue gateway got back in"
+        );
+    }
     b.issuer
         .rotate_activate(std::time::SystemTime::now())
         .unwrap();

@@ -50,7 +50,7 @@ impl Filter {
 }
 
 /// What [`DecisionLog::prune_before`] did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PruneReport {
     /// Records removed.
     pub removed: u64,

@@ -277,6 +277,9 @@ pub(crate) struct Prepared {
     tail: Vec<u8>,
     /// The decision id.
     pub id: String,
+    /// An administrative event: these may use the log's reserve past its disk budget, so
+    /// an operator can still act (prune, reload, remove a link) on a full log.
+    pub admin: bool,
 }
 
 /// [`DecisionRecord`]'s members after `prev_hash`, borrowed.
@@ -327,7 +330,11 @@ pub(crate) fn prepare(input: &DecisionRecordInput) -> Result<Prepared, serde_jso
         status: input.status,
         facts: &input.facts,
     })?;
-    Ok(Prepared { tail, id })
+    Ok(Prepared {
+        tail,
+        id,
+        admin: input.decision == DecisionKind::Admin,
+    })
 }
 
 /// Appends the canonical body of `prepared` at `seq` after `prev_hash` (hex) to `out`.

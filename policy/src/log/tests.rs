@@ -719,6 +719,14 @@ fn the_disk_budget_refuses_appends_until_pruned() {
     };
     assert_eq!(used, on_disk, "the count follows the files");
     assert!(on_disk <= 16 * 1024 + 1024, "{on_disk}");
+    // The operator's commands are recorded before they run: an admin event still fits (the
+    // reserve past the budget), so `audit prune` itself works on a full log; traffic does not.
+    log.append_admin_event("uid:0 (root)", "audit prune before …", SystemTime::now())
+        .unwrap();
+    assert!(matches!(
+        log.append(input(4000)),
+        Err(LogError::OverBudget { .. })
+    ));
     // Not sticky: pruning the old segments makes room again.
     let report = log
         .prune_before(

@@ -22,6 +22,10 @@ use super::segment::{self, HEADER_LEN, KIND_CHECKPOINT, KIND_RECORD};
 use super::signer::{Checkpoint, CheckpointSigner};
 use super::{Durability, LogError, LogOptions};
 
+/// Room past the disk budget kept for administrative events, so the operator's commands
+/// (which are recorded before they run) still work on a full log: `audit prune` first.
+pub(crate) const ADMIN_RESERVE_BYTES: u64 = 1 << 20;
+
 /// Checkpoints kept in memory for peers (the latest ones).
 pub(crate) const RECENT_CHECKPOINTS: usize = 64;
 
@@ -218,7 +222,12 @@ impl Shared {
         }
         if let Some(budget) = self.budget() {
             let used = self.disk_bytes();
-            if used + buf.len() as u64 > budget {
+            let limit = if prepared.admin {
+                budget.saturating_add(ADMIN_RESERVE_BYTES)
+            } else {
+                budget
+            };
+            if used + buf.len() as u64 > limit {
                 return Err(LogError::OverBudget { used, budget });
             }
         }
