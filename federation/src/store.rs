@@ -80,8 +80,8 @@ impl Store {
     }
 
     /// Adds a link without a running federation (`meshgate federation add` on the state):
-    /// the bootstrap bundle becomes the cached one unless a newer one is cached, and the
-    /// operator's adding it counts as confirming it at `now`.
+    /// the bootstrap bundle replaces the cached one whatever its sequence (the operator's
+    /// bundle is authoritative), and the operator's adding it counts as confirming it at `now`.
     pub fn add_link(&self, link: &Link, now: std::time::SystemTime) -> Result<(), FederationError> {
         let mut link = link.clone();
         let (_, bundle) = link.normalize()?;
