@@ -354,3 +354,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "path_fuzz.rs"]
+mod fuzz;
