@@ -271,3 +271,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "headers_fuzz.rs"]
+mod fuzz;
