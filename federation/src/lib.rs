@@ -33,6 +33,9 @@ mod sync;
 pub mod witness;
 mod witnessing;
 
+#[cfg(test)]
+mod control_fuzz;
+
 pub use dns::{MESH_TTL, MeshDns, zone_records};
 pub use error::FederationError;
 pub use federation::{
