@@ -34,7 +34,10 @@ pub fn config(default: u32) -> Config {
     let cases = cases(default);
     Config {
         cases,
+        // Generators filter a few inputs out (a header value with a control character);
+        // the reject budgets grow with the case count so a long run is not cut short.
         max_global_rejects: cases.saturating_mul(4).max(1024),
+        max_local_rejects: cases.saturating_mul(64).max(65_536),
         failure_persistence: None,
         ..Config::default()
     }

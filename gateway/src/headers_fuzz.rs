@@ -56,8 +56,13 @@ fn value() -> impl Strategy<Value = HeaderValue> {
         3 => "[ -~]{0,30}",
         2 => "(x-meshgate-caller|x-secret|te|trailers|close|keep-alive|accept|, ){0,5}",
         1 => "00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]",
-        1 => proptest::collection::vec(any::<u8>(), 0..30)
-            .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        // Any bytes, control characters (which HTTP refuses) made visible.
+        1 => proptest::collection::vec(any::<u8>(), 0..30).prop_map(|b| {
+            String::from_utf8_lossy(&b)
+                .chars()
+                .map(|c| if c.is_ascii_control() && c != '\t' { '!' } else { c })
+                .collect::<String>()
+        }),
     ]
     .prop_filter_map("not a header value", |v| HeaderValue::from_str(&v).ok())
 }
@@ -89,6 +94,59 @@ fn fields(
             .push(v.as_bytes().to_vec());
     }
     out
+}
+
+/// Spellings of a path into `/.meshgate/`: the prefix spelled with dot segments, duplicate
+/// slashes or percent-encodings, then a tail that may hold a double encoding or a `;`.
+fn reserved_spelling() -> impl Strategy<Value = String> {
+    let token = proptest::sample::select(
+        &[
+            "/",
+            ".",
+            "..",
+            "%2e",
+            "%2E",
+            "%2f",
+            "%25",
+            "61",
+            "%2561",
+            "x",
+            "v1",
+            ";",
+            "?",
+            "m",
+            "%6d",
+            "meshgate",
+            ".meshgate",
+        ][..],
+    );
+    let prefix = proptest::sample::select(
+        &[
+            "/.meshgate",
+            "/%2emeshgate",
+            "/%2Emeshgate",
+            "//.meshgate",
+            "/x/../.meshgate",
+            "/./.meshgate",
+            "/.%6deshgate",
+            "/%2e%6deshgate",
+            "",
+        ][..],
+    );
+    (
+        proptest::collection::vec(token.clone(), 0..4),
+        prefix,
+        proptest::collection::vec(token, 0..8),
+    )
+        .prop_map(|(before, prefix, after)| {
+            let mut s = before.concat();
+            s.push_str(prefix);
+            s.push_str(&after.concat());
+            if !s.starts_with('/') {
+                s.insert(0, '/');
+            }
+            s
+        })
 }
 
 proptest! {
@@ -160,12 +218,17 @@ proptest! {
     }
 
     #[test]
-    fn fuzz_reserved_path_spellings(raw in "(/|\\.|%2e|%2E|meshgate|%6d|m|eshgate|\\.meshgate|/v1|%2f|;|\\?){0,10}") {
+    fn fuzz_reserved_path_spellings(raw in reserved_spelling()) {
+        // Under either path rule set (an operator may allow double encodings), a path that
+        // normalizes into the control space is reserved.
         let reserved = is_reserved_path(&raw);
-        if meshgate_policy::normalize_path(&raw)
-            .is_ok_and(|p| p == "/.meshgate" || p.starts_with("/.meshgate/"))
-        {
-            prop_assert!(reserved, "{raw:?} reaches the control space unnoticed");
+        for allow in [false, true] {
+            let rules = meshgate_policy::PathRules::allowing_double_encoding(allow);
+            if meshgate_policy::normalize_path_with(&raw, rules)
+                .is_ok_and(|p| p == "/.meshgate" || p.starts_with("/.meshgate/"))
+            {
+                prop_assert!(reserved, "{raw:?} reaches the control space unnoticed");
+            }
         }
     }
 }
