@@ -2,7 +2,7 @@
 //! denied one, callers grouped by namespace, a time window, and DOT with the refused edge in
 //! red, read beside the running gateways.
 
-use crate::pair::{Cluster, EAST_WEB, WEB, call, issue, wait_for};
+use crate::pair::{Cluster, EAST_WEB, Pair, WEB, call, issue, wait_for};
 use crate::procs::{arg, interrupt, meshgate, run};
 
 const EAST_API: &str = "spiffe://east.example/ns/shop/sa/api";
@@ -27,13 +27,13 @@ fn edge<'a>(g: &'a serde_json::Value, from: &str, to: &str) -> &'a serde_json::V
 
 #[test]
 fn the_graph_shows_who_called_whom_across_clusters() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream = rt.block_on(crate::support::echo_upstream());
-    let tmp = tempfile::tempdir().unwrap();
-    let west = Cluster::new(tmp.path(), "west");
-    let east = Cluster::new(tmp.path(), "east");
-    west.write_config(&east, upstream, "warn");
-    east.write_config(&west, upstream, "warn");
+    let Pair {
+        runtime: _runtime,
+        tmp,
+        west,
+        east,
+        ..
+    } = Pair::new();
     let (east_web, east_api, west_web) = (
         tmp.path().join("east-web"),
         tmp.path().join("east-api"),

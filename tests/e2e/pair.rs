@@ -179,3 +179,32 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// West and east in a temp dir, linked both ways and configured (`witness_check = "warn"`),
+/// serving `orders.shop` from one echo upstream that runs on `runtime` (keep it alive).
+pub struct Pair {
+    pub runtime: tokio::runtime::Runtime,
+    pub upstream: SocketAddr,
+    pub tmp: tempfile::TempDir,
+    pub west: Cluster,
+    pub east: Cluster,
+}
+
+impl Pair {
+    pub fn new() -> Pair {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let upstream = rt.block_on(crate::support::echo_upstream());
+        let tmp = tempfile::tempdir().unwrap();
+        let west = Cluster::new(tmp.path(), "west");
+        let east = Cluster::new(tmp.path(), "east");
+        west.write_config(&east, upstream, "warn");
+        east.write_config(&west, upstream, "warn");
+        Pair {
+            runtime: rt,
+            upstream,
+            tmp,
+            west,
+            east,
+        }
+    }
+}

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::pair::{Cluster, EAST_WEB, call, issue, wait_for};
+use crate::pair::{Cluster, EAST_WEB, Pair, call, issue, wait_for};
 use crate::procs::{READY_TIMEOUT, interrupt};
 
 const ORDERS_WEST: &str = "orders.shop.west.mesh";
@@ -33,13 +33,13 @@ fn until_served(east: &Cluster, web: &Path) -> (Duration, usize) {
 
 #[test]
 fn a_restarted_peer_is_reached_again_at_once() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream = rt.block_on(crate::support::echo_upstream());
-    let tmp = tempfile::tempdir().unwrap();
-    let west = Cluster::new(tmp.path(), "west");
-    let east = Cluster::new(tmp.path(), "east");
-    west.write_config(&east, upstream, "warn");
-    east.write_config(&west, upstream, "warn");
+    let Pair {
+        runtime: _runtime,
+        tmp,
+        west,
+        east,
+        ..
+    } = Pair::new();
     let web = tmp.path().join("east-web");
     issue(&east, EAST_WEB, &web);
 

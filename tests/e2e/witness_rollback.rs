@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::pair::{Cluster, WEB, call_orders, issue, wait_for};
+use crate::pair::{Cluster, Pair, WEB, call_orders, issue, wait_for};
 use crate::procs::{BIN, arg, interrupt, meshgate, output_within, run};
 
 /// The highest seq of west's heads east holds (through east's admin socket while it runs).
@@ -48,13 +48,13 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn a_rolled_back_log_is_named_by_its_witnesses() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream = rt.block_on(crate::support::echo_upstream());
-    let tmp = tempfile::tempdir().unwrap();
-    let west = Cluster::new(tmp.path(), "west");
-    let east = Cluster::new(tmp.path(), "east");
-    west.write_config(&east, upstream, "warn");
-    east.write_config(&west, upstream, "warn");
+    let Pair {
+        runtime: _runtime,
+        upstream,
+        tmp,
+        west,
+        east,
+    } = Pair::new();
     let web = tmp.path().join("web");
     issue(&west, WEB, &web);
 
