@@ -6,11 +6,11 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use clap::{Subcommand, ValueEnum};
 use meshgate_policy::{
     CallerGrouping, Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord,
@@ -586,17 +586,10 @@ fn verify(backend: &dyn AuditBackend, json: bool) -> CliResult<Outcome> {
 /// missing. A key file readable by others is refused.
 pub fn checkpoint_signer(state: &State) -> anyhow::Result<CheckpointSigner> {
     let path = state.keys_dir().join(CHECKPOINT_KEY_FILE);
-    match fs::metadata(&path) {
-        Ok(meta) => {
-            if meta.permissions().mode() & 0o077 != 0 {
-                bail!(
-                    "`{}` is readable by others (mode {:o}); run `chmod 600` on it",
-                    path.display(),
-                    meta.permissions().mode() & 0o777
-                );
-            }
-            let pem = fs::read_to_string(&path)
-                .with_context(|| format!("cannot read `{}`", path.display()))?;
+    match meshgate_identity::read_private(&path) {
+        Ok(bytes) => {
+            let pem = String::from_utf8(bytes)
+                .map_err(|_| anyhow!("`{}` is not a PEM file", path.display()))?;
             Ok(CheckpointSigner::from_pkcs8_pem(&pem)
                 .with_context(|| format!("in `{}`", path.display()))?)
         }
