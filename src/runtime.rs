@@ -23,6 +23,8 @@ const QUIC_RESET_KEY_FILE: &str = "quic-reset.key";
 /// A cluster opened from its config, not yet serving (`meshgate gateway --check` stops here).
 pub struct Prepared {
     config: GatewayConfig,
+    /// The file the config was read from: `routes reload` reads its routes again.
+    config_file: Option<std::path::PathBuf>,
     _state: State,
     admin_socket: std::path::PathBuf,
     pub issuer: Arc<Issuer>,
@@ -92,6 +94,7 @@ impl Prepared {
         let federation =
             federation_wiring::open(state.db(), &config, &issuer, &log, &bundles, &links)?;
         Ok(Prepared {
+            config_file: None,
             admin_socket: state.admin_socket(),
             _state: state,
             config,
@@ -104,6 +107,12 @@ impl Prepared {
         })
     }
 
+    /// Names the file the config came from, so `meshgate routes reload` can read it again.
+    pub fn with_config_file(mut self, path: &std::path::Path) -> Prepared {
+        self.config_file = Some(path.to_path_buf());
+        self
+    }
+
     /// The effective config.
     pub fn config(&self) -> &GatewayConfig {
         &self.config
@@ -113,6 +122,7 @@ impl Prepared {
     pub async fn start(self) -> CliResult<Running> {
         let Prepared {
             config,
+            config_file,
             _state,
             admin_socket,
             issuer,
@@ -149,6 +159,7 @@ impl Prepared {
         })
         .await
         .map_err(|e| CliError::internal(anyhow::anyhow!(e)))?;
+        crate::cli::routes::register_admin(&mut registry, gateway.routes(), config_file);
         let mesh_dns = federation_wiring::start(&federation, &gateway, &config).await?;
         if config.audit.witness_check == meshgate_gateway::WitnessCheck::Strict
             && let Err(e) = federation_wiring::check_witnesses(&federation).await

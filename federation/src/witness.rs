@@ -218,6 +218,7 @@ mod tests {
             quota_remaining: None,
             status: None,
             facts: None,
+            traffic: None,
         }
     }
 

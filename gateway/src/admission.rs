@@ -17,7 +17,7 @@ use http::StatusCode;
 use meshgate_identity::{SpiffeId, TrustDomain};
 use meshgate_policy::{
     Decision, DecisionKind, DecisionLog, DecisionRecordInput, PolicyEngine, QuotaLimiter,
-    QuotaResult, RequestFacts, normalize_path_with,
+    QuotaResult, RequestFacts, TrafficNote, normalize_path_with,
 };
 
 use crate::catalog::PeerRoute;
@@ -26,6 +26,7 @@ use crate::dest::Destination;
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::strangers::{Strangers, Verdict, cap_request};
+use crate::traffic::Fault;
 use crate::upstream::LocalService;
 
 /// Ids that travel with a request: its decision id and W3C trace id.
@@ -37,6 +38,8 @@ pub(crate) struct RequestMeta {
     pub trace_id: String,
     /// The client's address, for requests from workload listeners.
     pub source: Option<std::net::IpAddr>,
+    /// How a traffic route steered the request, for its record.
+    pub traffic: Option<TrafficNote>,
 }
 
 impl RequestMeta {
@@ -47,6 +50,7 @@ impl RequestMeta {
             trace_id: headers::ensure_traceparent(headers),
             id: headers::new_request_id(),
             source: None,
+            traffic: None,
         }
     }
 }
@@ -115,6 +119,8 @@ pub(crate) struct Ask<'a> {
     pub authority: Option<&'a str>,
     pub caller: Result<Caller, Unfit>,
     pub target: Result<Target, Unfit>,
+    /// The fault a traffic route injects into this request, applied if it is admitted.
+    pub fault: Option<&'a Fault>,
 }
 
 /// Reserved control paths never travel to a service (CONTRACTS.md), in any spelling.
@@ -161,6 +167,8 @@ struct Granted {
     target: Target,
     /// The normalized path Cedar decided on (local targets); the upstream gets exactly it.
     path: Option<String>,
+    /// An injected delay to wait out before forwarding.
+    delay: Option<Duration>,
 }
 
 /// The right to forward one request, given only after its decision is recorded.
@@ -183,6 +191,11 @@ impl Permit {
     /// The path the upstream must see (what was authorized), when decided here.
     pub(crate) fn path(&self) -> Option<&str> {
         self.0.path.as_deref()
+    }
+
+    /// The delay a traffic route injected (recorded with the decision).
+    pub(crate) fn delay(&self) -> Option<Duration> {
+        self.0.delay
     }
 }
 
@@ -333,16 +346,28 @@ impl Admission {
             }
         }
         if let Target::Remote { .. } = target {
-            // Decided by the destination's gateway; nothing to record here.
-            return Decided {
-                outcome: Ok(Granted {
-                    decision_id: ask.meta.id.clone(),
-                    trace_id: ask.meta.trace_id.clone(),
-                    caller,
-                    target,
-                    path: None,
-                }),
-                record: None,
+            // Decided by the destination's gateway; nothing to record here but a fault.
+            let granted = Granted {
+                decision_id: ask.meta.id.clone(),
+                trace_id: ask.meta.trace_id.clone(),
+                caller,
+                target,
+                path: None,
+                delay: None,
+            };
+            return match ask.fault {
+                Some(fault) => {
+                    let mut record =
+                        self.record_of(ask.meta, ask.hop, &facts, &self.undecided(&facts));
+                    // Cedar was not asked here: nothing for `policy replay` to re-decide.
+                    record.facts = None;
+                    record.policy_version.clear();
+                    self.inject(ask.meta, fault, granted, record)
+                }
+                None => Decided {
+                    outcome: Ok(granted),
+                    record: None,
+                },
             };
         }
         let decision = self.policy.decide(&facts);
@@ -400,15 +425,78 @@ impl Admission {
         }
         // 200 stands for "forwarded": the upstream's status is not known when recording.
         record.status = Some(200);
+        let granted = Granted {
+            decision_id: ask.meta.id.clone(),
+            trace_id: ask.meta.trace_id.clone(),
+            caller,
+            target,
+            path: Some(decision.normalized_path),
+            delay: None,
+        };
+        match ask.fault {
+            Some(fault) => self.inject(ask.meta, fault, granted, record),
+            None => Decided {
+                outcome: Ok(granted),
+                record: Some(record),
+            },
+        }
+    }
+
+    /// An admitted request a traffic route injects a fault into: recorded as `fault`; an
+    /// abort becomes the answer, a delay is waited out before forwarding.
+    fn inject(
+        &self,
+        meta: &RequestMeta,
+        fault: &Fault,
+        mut granted: Granted,
+        mut record: DecisionRecordInput,
+    ) -> Decided {
+        record.decision = DecisionKind::Fault;
+        record
+            .traffic
+            .get_or_insert_with(TrafficNote::default)
+            .fault = Some(fault.describe());
+        let Some(status) = fault.abort else {
+            granted.delay = fault.delay;
+            return Decided {
+                outcome: Ok(granted),
+                record: Some(record),
+            };
+        };
+        record.status = Some(status.as_u16());
+        let route = meta
+            .traffic
+            .as_ref()
+            .and_then(|t| t.route.as_deref())
+            .unwrap_or_default();
         Decided {
-            outcome: Ok(Granted {
-                decision_id: ask.meta.id.clone(),
-                trace_id: ask.meta.trace_id.clone(),
-                caller,
-                target,
-                path: Some(decision.normalized_path),
+            outcome: Err(Refusal {
+                status,
+                label: "fault",
+                message: format!(
+                    "meshgate: fault injected by route `{route}`: {}",
+                    fault.describe()
+                ),
+                retry_after: None,
+                decision_id: meta.id.clone(),
             }),
             record: Some(record),
+        }
+    }
+
+    /// The decision of a request Cedar was not asked about.
+    fn undecided(&self, facts: &RequestFacts) -> Decision {
+        Decision {
+            allowed: false,
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            policy_version: self.policy.version().to_string(),
+            eval_time: Duration::ZERO,
+            shadow: None,
+            quota: None,
+            normalized_path: normalize_path_with(&facts.raw_path, self.policy.path_rules())
+                .unwrap_or_default(),
+            evaluation_failed: false,
         }
     }
 
@@ -487,6 +575,7 @@ impl Admission {
             id: decision_id,
             trace_id,
             source: None,
+            traffic: None,
         };
         let service = match &target {
             Target::Local(svc) => svc.in_cluster(&self.cluster),
@@ -524,18 +613,7 @@ impl Admission {
         facts: RequestFacts,
         unfit: Unfit,
     ) -> Decided {
-        let decision = Decision {
-            allowed: false,
-            reasons: Vec::new(),
-            errors: Vec::new(),
-            policy_version: self.policy.version().to_string(),
-            eval_time: Duration::ZERO,
-            shadow: None,
-            quota: None,
-            normalized_path: normalize_path_with(&facts.raw_path, self.policy.path_rules())
-                .unwrap_or_default(),
-            evaluation_failed: false,
-        };
+        let decision = self.undecided(&facts);
         // A stranger (no verified caller yet) can cause these at will: its records are
         // limited per source address, and what any refusal before Cedar keeps of the request
         // is capped.
@@ -608,6 +686,7 @@ impl Admission {
         let mut record = DecisionRecordInput::from_decision(facts, decision);
         record.id = Some(meta.id.clone());
         record.trace_id = Some(meta.trace_id.clone());
+        record.traffic = meta.traffic.clone();
         record.source_gateway = Some(match hop {
             Hop::Workload => self.id.to_string(),
             Hop::Peer { gateway, .. } => gateway.to_string(),

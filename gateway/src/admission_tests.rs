@@ -66,6 +66,7 @@ fn fixture() -> Fixture {
                 retries: 1,
                 protocol: Default::default(),
                 proxy_protocol: false,
+                subsets: Vec::new(),
             },
             None,
         )
@@ -93,6 +94,7 @@ fn meta() -> RequestMeta {
         id: headers::new_request_id(),
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
         source: None,
+        traffic: None,
     }
 }
 
@@ -121,6 +123,7 @@ async fn decide(
             authority: Some("orders.shop.west.mesh"),
             caller,
             target,
+            fault: None,
         },
         Now::current(),
     );
@@ -387,6 +390,7 @@ async fn a_decision_that_cannot_be_recorded_refuses_the_request() {
             authority: None,
             caller: caller(WEB),
             target: Ok(Target::Local(f.orders.clone())),
+            fault: None,
         },
         Now::current(),
     );
@@ -432,6 +436,7 @@ async fn what_a_service_speaks_decides_what_reaches_it() {
                 retries: 0,
                 protocol: crate::config::ServiceProtocol::Tcp,
                 proxy_protocol: true,
+                subsets: Vec::new(),
             },
             None,
         )
@@ -459,6 +464,7 @@ async fn what_a_service_speaks_decides_what_reaches_it() {
             retries: 0,
             protocol: crate::config::ServiceProtocol::Http,
             proxy_protocol: true,
+            subsets: Vec::new(),
         },
         None,
     )

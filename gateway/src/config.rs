@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::traffic::config::RouteConfig;
+
 /// A whole gateway configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -32,9 +34,13 @@ pub struct GatewayConfig {
     /// Peer clusters known statically (federation links add more at run time).
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
-    /// Explicit routes: an authority (as a workload sends it) mapped to a mesh service name.
+    /// Aliases: an authority (as a workload sends it) mapped to a mesh service name.
     #[serde(default)]
-    pub routes: BTreeMap<String, String>,
+    pub aliases: BTreeMap<String, String>,
+    /// Traffic routes (`[[routes]]`): weighted backends, canaries, mirroring, faults,
+    /// per-route timeouts and retries. Reloadable with `meshgate routes reload`.
+    #[serde(default, deserialize_with = "crate::traffic::config::de_routes")]
+    pub routes: Vec<RouteConfig>,
     /// Limits against abuse.
     #[serde(default)]
     pub limits: Limits,
@@ -220,6 +226,21 @@ pub struct ServiceConfig {
     /// `0xE2`), so the upstream learns who connected. Off by default.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Subsets of the service's endpoints, told apart by labels, for traffic routes to
+    /// pick (`subset = { version = "v2" }`). Requests that name no subset go to
+    /// `endpoints`.
+    #[serde(default)]
+    pub subsets: Vec<SubsetConfig>,
+}
+
+/// Endpoints of a service that carry more labels than the service (e.g. a new version).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsetConfig {
+    /// Labels added to the service's (Cedar sees both on `resource`).
+    pub labels: BTreeMap<String, String>,
+    /// Upstream endpoints (`host:port`).
+    pub endpoints: Vec<String>,
 }
 
 /// What a service speaks.

@@ -29,8 +29,9 @@ use crate::headers::{self, CALLER_HEADER};
 use crate::lb::RetryBudget;
 use crate::metrics::{Metrics, Stage};
 use crate::respond;
+use crate::traffic::RetryPolicy;
 use crate::tunnel::{ClientStream, Tunnel};
-use crate::upstream::{LocalService, is_idempotent, is_retryable_status};
+use crate::upstream::{LocalService, UpstreamError, is_idempotent};
 
 /// Budgets kept per destination service before the table starts over.
 const MAX_BUDGETS: usize = 10_000;
@@ -62,6 +63,29 @@ pub(crate) struct Forwarder {
     remote_retries: u32,
     tunnel_timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// How many tries a request gets and which failures are tried again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Tries<'a> {
+    /// One try: the request came from a peer gateway, whose source retries it (so tries
+    /// never multiply), or it is a mirror copy.
+    Once,
+    /// The request entered the mesh here and no route says otherwise: the service's
+    /// `retries` (local) or `limits.remote_retries` (remote), on the standard failures.
+    Standard,
+    /// A traffic route's retry policy.
+    Route(&'a RetryPolicy),
+}
+
+/// Whether a failed upstream try is tried again under `policy`.
+fn retries_error(policy: &RetryPolicy, e: &UpstreamError) -> bool {
+    match e {
+        UpstreamError::Timeout { .. } => policy.timeout,
+        UpstreamError::Failed { source, .. } if source.is_connect() => policy.connect_failure,
+        UpstreamError::Failed { .. } => policy.reset,
+        _ => false,
+    }
 }
 
 /// Whether a request may be sent more than once: the one definition of idempotency.
@@ -104,26 +128,49 @@ impl Forwarder {
         b
     }
 
-    /// Sends an admitted request where its permit says. `entered_here`: the request entered
-    /// the mesh at this gateway (a local workload), so this layer may retry it.
+    /// Sends an admitted request where its permit says, with the tries `tries` allows.
     pub(crate) async fn forward(
         &self,
         permit: Permit,
         head: http::request::Parts,
         body: GatewayBody,
-        entered_here: bool,
+        tries: Tries<'_>,
     ) -> Forwarded {
         // Trailers are relayed end to end: no `x-meshgate-*` field in them passes, either way.
         let body = headers::strip_meshgate_trailers(body);
         let forwarded = match permit.target() {
             Target::Local(svc) => {
                 let svc = svc.clone();
-                let retries = if entered_here { svc.retries() } else { 0 };
-                Forwarded::Answer(self.local(&permit, &svc, head, body, retries).await)
+                let standard;
+                let policy = match tries {
+                    Tries::Once => {
+                        standard = RetryPolicy::standard(0);
+                        &standard
+                    }
+                    Tries::Standard => {
+                        standard = RetryPolicy::standard(svc.retries());
+                        &standard
+                    }
+                    Tries::Route(p) => p,
+                };
+                Forwarded::Answer(self.local(&permit, &svc, head, body, policy).await)
             }
             Target::Remote { dest, routes } => {
                 let (dest, routes) = (dest.clone(), routes.clone());
-                self.remote(permit, &dest, &routes, head, body).await
+                let standard;
+                let policy = match tries {
+                    Tries::Once => {
+                        standard = RetryPolicy::standard(0);
+                        &standard
+                    }
+                    Tries::Standard => {
+                        standard = RetryPolicy::standard(self.remote_retries);
+                        &standard
+                    }
+                    Tries::Route(p) => p,
+                };
+                self.remote(permit, &dest, &routes, head, body, policy)
+                    .await
             }
         };
         match forwarded {
@@ -141,7 +188,7 @@ impl Forwarder {
         svc: &LocalService,
         mut head: http::request::Parts,
         body: GatewayBody,
-        retries: u32,
+        policy: &RetryPolicy,
     ) -> Response<GatewayBody> {
         if let Some(path) = permit.path() {
             use_path(&mut head, path);
@@ -166,18 +213,19 @@ impl Forwarder {
         budget.deposit();
         let mut body = Some(body);
         let mut failed = Vec::new();
+        let timeout = policy.per_try_timeout.unwrap_or_else(|| svc.timeout());
         loop {
             let sent = body.take().unwrap_or_else(body::empty);
             let started = Instant::now();
-            let (endpoint, result) = svc.attempt(&head, sent, &failed).await;
+            let (endpoint, result) = svc.attempt(&head, sent, &failed, timeout).await;
             self.metrics.stage(Stage::Upstream, started.elapsed());
             let failed_try = match &result {
-                Ok(resp) => is_retryable_status(resp.status()),
-                Err(_) => true,
+                Ok(resp) => policy.retries_status(resp.status()),
+                Err(e) => retries_error(policy, e),
             };
             if failed_try
                 && resend
-                && (failed.len() as u32) < retries
+                && (failed.len() as u32) + 1 < policy.attempts
                 && budget.withdraw(Instant::now())
             {
                 tracing::debug!(service = %svc.name(), endpoint, "retrying on another endpoint");
@@ -208,7 +256,9 @@ impl Forwarder {
         routes: &[PeerRoute],
         head: http::request::Parts,
         body: GatewayBody,
+        policy: &RetryPolicy,
     ) -> Forwarded {
+        let timeout = policy.per_try_timeout.unwrap_or(self.tunnel_timeout);
         let candidates: Vec<(&PeerRoute, SocketAddr)> = routes
             .iter()
             .flat_map(|r| r.gateways.iter().map(move |g| (r, *g)))
@@ -232,12 +282,12 @@ impl Forwarder {
                     gw,
                     &head,
                     &mut body,
-                    resend,
-                    force_token,
+                    (resend, force_token),
+                    timeout,
                 )
                 .await;
             let may_retry = |retried: u32| {
-                resend && retried < self.remote_retries && budget.withdraw(Instant::now())
+                resend && retried + 1 < policy.attempts && budget.withdraw(Instant::now())
             };
             match outcome {
                 Try::NotSent(e) => {
@@ -255,7 +305,7 @@ impl Forwarder {
                 }
                 Try::Answered(resp) => {
                     unsent_in_a_row = 0;
-                    if is_retryable_status(resp.status()) && may_retry(retried) {
+                    if policy.retries_status(resp.status()) && may_retry(retried) {
                         retried += 1;
                         next += 1;
                         continue;
@@ -264,7 +314,7 @@ impl Forwarder {
                 }
                 Try::Broken(e) => {
                     unsent_in_a_row = 0;
-                    if may_retry(retried) {
+                    if policy.reset && may_retry(retried) {
                         tracing::warn!(peer = %gw, error = %e, "peer gateway failed before answering; retrying");
                         retried += 1;
                         next += 1;
@@ -275,7 +325,16 @@ impl Forwarder {
                         &format!("meshgate: peer gateway failed: {e}"),
                     ));
                 }
-                Try::TimedOut(resp) => return Forwarded::Answer(resp),
+                Try::TimedOut(resp) => {
+                    unsent_in_a_row = 0;
+                    if policy.timeout && may_retry(retried) {
+                        tracing::debug!(peer = %gw, "no answer in time; retrying");
+                        retried += 1;
+                        next += 1;
+                        continue;
+                    }
+                    return Forwarded::Answer(resp);
+                }
             }
         }
         Forwarded::Unreachable(Box::new(Unreachable {
@@ -287,6 +346,7 @@ impl Forwarder {
 
     /// One request to one peer gateway. A connection that turns out stale (the peer
     /// restarted or closed it) is replaced and the request sent on the new one.
+    /// `(resend, force_token)`: the request may be sent again; send the caller's token.
     #[allow(clippy::too_many_arguments)]
     async fn try_gateway(
         &self,
@@ -296,8 +356,8 @@ impl Forwarder {
         gw: SocketAddr,
         head: &http::request::Parts,
         body: &mut Option<GatewayBody>,
-        resend: bool,
-        force_token: bool,
+        (resend, force_token): (bool, bool),
+        timeout: Duration,
     ) -> Try {
         let td = &route.trust_domain;
         let aud = caller::audience(td, &dest.namespace, &dest.service);
@@ -342,7 +402,7 @@ impl Forwarder {
         };
         let waiting = Instant::now();
         self.metrics.stage(Stage::TunnelOpen, waiting - opening);
-        let answer = exchange(stream, sent, self.tunnel_timeout).await;
+        let answer = exchange(stream, sent, timeout).await;
         self.metrics.stage(Stage::TunnelWait, waiting.elapsed());
         match answer {
             Ok(mut resp) => {

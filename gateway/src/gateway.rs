@@ -22,6 +22,8 @@ use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::source::Source;
 use crate::svid::{SvidError, SvidStore};
+use crate::traffic::config::RouteConfig;
+use crate::traffic::{RouteTable, Traffic};
 use crate::tunnel::{ResetSecret, Tunnel};
 use crate::upstream::{LocalService, LocalServices, UpstreamConfigError};
 use crate::{admin, inbound, source, tls};
@@ -123,10 +125,44 @@ pub struct BoundAddrs {
     pub admin: SocketAddr,
 }
 
+/// What a reload of the traffic routes did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutesReport {
+    /// Routes now in use.
+    pub routes: usize,
+    /// Backends that cannot serve now.
+    pub warnings: Vec<String>,
+}
+
+/// Replaces a running gateway's traffic routes.
+#[derive(Debug, Clone)]
+pub struct Routes(Arc<Source>);
+
+impl Routes {
+    /// Replaces the traffic routes, all or nothing: an invalid set is refused with every
+    /// problem (each naming its route and key) and the routes in use keep serving. The
+    /// report warns of backends that cannot serve now (an unlinked cluster, a missing
+    /// subset): they are accepted, since links come and go, and skipped until they can.
+    pub fn reload(&self, routes: &[RouteConfig]) -> Result<RoutesReport, Vec<String>> {
+        let table = RouteTable::compile(routes)?;
+        let warnings = self.0.route_warnings(&table);
+        let routes = table.routes().len();
+        self.0.traffic.replace(table);
+        tracing::info!(routes, warnings = warnings.len(), "traffic routes reloaded");
+        Ok(RoutesReport { routes, warnings })
+    }
+
+    /// How many routes serve now.
+    pub fn count(&self) -> usize {
+        self.0.traffic.table().routes().len()
+    }
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
     id: SpiffeId,
+    source: Arc<Source>,
     cluster: String,
     metrics: Arc<Metrics>,
     tunnel: Arc<Tunnel>,
@@ -279,13 +315,17 @@ impl Gateway {
             config.limits.tunnel_timeout,
             metrics.clone(),
         ));
+        let traffic = Arc::new(Traffic::new(
+            RouteTable::compile(&config.routes)
+                .map_err(|errors| GatewayError::Config(errors.join("; ")))?,
+        ));
         let source = Arc::new(Source {
             cluster: config.cluster.clone(),
             trust_domain: td.clone(),
             id: id.clone(),
             admission: admission.clone(),
             forwarder: forwarder.clone(),
-            resolver: Resolver::new(&config.mesh_suffix, config.routes.clone()),
+            resolver: Resolver::new(&config.mesh_suffix, config.aliases.clone()),
             catalog: catalog.clone(),
             services: services.clone(),
             local_bundles: local_bundles.clone(),
@@ -293,6 +333,8 @@ impl Gateway {
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             in_flight: in_flight.clone(),
+            traffic: traffic.clone(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(source::MAX_MIRRORS)),
         });
         let inbound = Arc::new(Inbound {
             cluster: config.cluster.clone(),
@@ -317,8 +359,11 @@ impl Gateway {
             tokio::spawn(source::serve_tls(source.clone(), workload, workload_tls)),
             tokio::spawn(inbound::serve(inbound)),
         ];
+        for warning in source.route_warnings(&traffic.table()) {
+            tracing::warn!(%warning, "traffic route");
+        }
         if let Some(local) = local {
-            accept_tasks.push(tokio::spawn(source::serve_local(source, local)));
+            accept_tasks.push(tokio::spawn(source::serve_local(source.clone(), local)));
         }
         let background = vec![
             tokio::spawn(admin::serve(
@@ -348,6 +393,7 @@ impl Gateway {
         );
         Ok(Gateway {
             id,
+            source,
             cluster: config.cluster.clone(),
             metrics,
             tunnel,
@@ -373,6 +419,11 @@ impl Gateway {
     /// The gateway's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The handle that replaces the gateway's traffic routes at run time.
+    pub fn routes(&self) -> Routes {
+        Routes(self.source.clone())
     }
 
     /// When the gateway's current SVID expires.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use meshgate_identity::{SpiffeId, TrustDomain};
+use meshgate_policy::TrafficNote;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::{Admission, Ask, Hop, Now, RequestMeta, Target, Unfit};
@@ -18,10 +19,11 @@ use crate::caller::{
 use crate::catalog::{Catalog, ControlHandler};
 use crate::config::Limits;
 use crate::dest::Resolver;
-use crate::forward::{Forwarded, Forwarder};
+use crate::forward::{Forwarded, Forwarder, Tries};
 use crate::gateway::InFlight;
 use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::respond;
+use crate::traffic::{MIRROR_HEADER, SUBSET_HEADER, Subset};
 use crate::tunnel;
 use crate::upstream::LocalServices;
 
@@ -185,7 +187,20 @@ async fn exchange(
 ) -> (Response<GatewayBody>, RequestLabels) {
     let now = Now::current();
     let (mut head, ()) = req.into_parts();
-    let meta = RequestMeta::new(&mut head.headers);
+    let mut meta = RequestMeta::new(&mut head.headers);
+    // What the source gateway's traffic route chose: a subset of the service, a mirror copy.
+    let subset = header(&head, SUBSET_HEADER).map(Subset::parse);
+    let mirror = header(&head, MIRROR_HEADER) == Some("1");
+    if mirror || subset.is_some() {
+        meta.traffic = Some(TrafficNote {
+            subset: subset
+                .as_ref()
+                .and_then(|s| s.as_ref().ok())
+                .map(ToString::to_string),
+            mirror,
+            ..TrafficNote::default()
+        });
+    }
     let mut clock = std::time::Instant::now();
     let mut lap = |stage| {
         let t = std::time::Instant::now();
@@ -194,7 +209,7 @@ async fn exchange(
     };
     let peer_td = peer.id.trust_domain();
     let authority = head.uri.authority().map(|a| a.as_str().to_owned());
-    let target = ctx.target(authority.as_deref(), peer_td);
+    let target = ctx.target(authority.as_deref(), peer_td, subset);
     let caller = match &target {
         Ok(Target::Local(svc)) => {
             let (service, namespace) = svc.parts();
@@ -229,6 +244,7 @@ async fn exchange(
             .map(|n| n.caller)
             .map_err(|e| Unfit::new(StatusCode::FORBIDDEN, "unauthenticated", e.to_string())),
         target,
+        fault: None,
     };
     let decided = ctx.admission.admit(ask, now);
     lap(Stage::Admit);
@@ -237,7 +253,7 @@ async fn exchange(
     let mut response = match recorded {
         Ok(permit) => {
             let id = permit.decision_id().to_owned();
-            let mut resp = match ctx.forwarder.forward(permit, head, body, false).await {
+            let mut resp = match ctx.forwarder.forward(permit, head, body, Tries::Once).await {
                 Forwarded::Answer(resp) => resp,
                 // Only remote targets are unreachable; a peer never gets one.
                 Forwarded::Unreachable(u) => {
@@ -269,8 +285,14 @@ async fn exchange(
 
 impl Inbound {
     /// The local service a peer's request names (the canonical `<svc>.<ns>.<cluster>`), if
-    /// it is one of this cluster's and exported to the peer's cluster.
-    fn target(&self, authority: Option<&str>, peer_td: &TrustDomain) -> Result<Target, Unfit> {
+    /// it is one of this cluster's and exported to the peer's cluster; the subset of its
+    /// endpoints the source's route chose, if it named one.
+    fn target(
+        &self,
+        authority: Option<&str>,
+        peer_td: &TrustDomain,
+        subset: Option<Result<Subset, String>>,
+    ) -> Result<Target, Unfit> {
         let not_here = || {
             Unfit::new(
                 StatusCode::NOT_FOUND,
@@ -299,7 +321,21 @@ impl Inbound {
                 format!("`{}` is not exported to `{peer_td}`", dest.short()),
             ));
         }
-        Ok(Target::Local(svc.clone()))
+        let Some(subset) = subset else {
+            return Ok(Target::Local(svc.clone()));
+        };
+        let subset = subset.map_err(|e| Unfit::new(StatusCode::BAD_REQUEST, "deny", e))?;
+        svc.subset(&subset).map(Target::Local).ok_or_else(|| {
+            Unfit::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "error",
+                format!(
+                    "`{}` has no subset `{subset}` in cluster `{}`",
+                    dest.short(),
+                    self.cluster
+                ),
+            )
+        })
     }
 }
 

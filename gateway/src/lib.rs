@@ -27,6 +27,7 @@ mod source;
 mod strangers;
 mod svid;
 mod tls;
+mod traffic;
 mod tunnel;
 mod upstream;
 
@@ -34,11 +35,15 @@ pub use caller::{CALLER_REF_HEADER, CALLER_TOKEN_HEADER, audience};
 pub use catalog::{Catalog, ControlHandler, PeerRoute, Route, StaticCatalog};
 pub use config::{
     AuditSettings, GatewayConfig, IdentitySettings, Limits, Listeners, PeerConfig, PolicyConfig,
-    RuntimeSettings, ServiceConfig, ServiceProtocol, WitnessCheck, parse_duration,
+    RuntimeSettings, ServiceConfig, ServiceProtocol, SubsetConfig, WitnessCheck, parse_duration,
 };
 pub use dest::{Destination, DestinationError, Resolver};
-pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts};
+pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts, Routes, RoutesReport};
 pub use headers::{CALLER_HEADER, DECISION_ID_HEADER};
 pub use metrics::Metrics;
+pub use traffic::check_routes;
+pub use traffic::config::{
+    BackendConfig, FaultConfig, HeaderMatch, MirrorConfig, RetryConfig, RouteConfig, RouteMatch,
+};
 pub use tunnel::{ControlClient, ResetSecret, TunnelError};
 pub use upstream::{UpstreamConfigError, UpstreamError};

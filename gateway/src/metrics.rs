@@ -38,6 +38,38 @@ impl RequestLabels {
     }
 }
 
+/// Labels of a traffic route's backend.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route's name.
+    pub route: String,
+    /// The backend it chose (`north/version=v2`).
+    pub backend: String,
+}
+
+/// Labels of a route's answers by status class.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteClassLabels {
+    /// The route's name.
+    pub route: String,
+    /// The backend it chose.
+    pub backend: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub class: &'static str,
+}
+
+/// Labels of a mirror copy's fate.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// The route's name.
+    pub route: String,
+    /// The mirror backend.
+    pub backend: String,
+    /// `sent`, `failed` (5xx), `unreachable`, a refusal (`deny`, `quota_exceeded`, …), or
+    /// `skipped_body` / `skipped_busy` when no copy was made.
+    pub outcome: String,
+}
+
 /// Labels of a failed handshake.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -134,6 +166,14 @@ pub struct Metrics {
     pub svid_expiry: Gauge<f64, AtomicU64>,
     /// Upstream failures (connect, timeout, 5xx from the upstream).
     pub upstream_failures: Counter,
+    /// Requests a traffic route took, by route and backend.
+    pub route_requests: Family<RouteLabels, Counter>,
+    /// Their answers by status class.
+    pub route_responses: Family<RouteClassLabels, Counter>,
+    /// Their latency until response headers, seconds.
+    pub route_latency: Family<RouteLabels, Histogram>,
+    /// Mirror copies by outcome.
+    pub route_mirrors: Family<MirrorLabels, Counter>,
     /// Time spent per stage (seconds) and how often each ran, by [`Stage`] order.
     stage_time: Vec<Counter<f64, AtomicU64>>,
     stage_count: Vec<Counter>,
@@ -221,6 +261,32 @@ impl Metrics {
             "Upstream connect errors, timeouts and 502-504",
             upstream_failures.clone(),
         );
+        let route_requests = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "route_requests",
+            "Requests a traffic route took, by route and backend",
+            route_requests.clone(),
+        );
+        let route_responses = Family::<RouteClassLabels, Counter>::default();
+        registry.register(
+            "route_responses",
+            "Answers to requests a traffic route took, by route, backend and status class",
+            route_responses.clone(),
+        );
+        let route_latency = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "route_request_duration_seconds",
+            "Time until response headers of requests a traffic route took",
+            route_latency.clone(),
+        );
+        let route_mirrors = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "route_mirrors",
+            "Mirror copies by route, backend and outcome",
+            route_mirrors.clone(),
+        );
         let stage_seconds = Family::<StageLabels, Counter<f64, AtomicU64>>::default();
         registry.register(
             "stage_seconds",
@@ -259,6 +325,10 @@ impl Metrics {
             refusal_records_left_out,
             svid_expiry,
             upstream_failures,
+            route_requests,
+            route_responses,
+            route_latency,
+            route_mirrors,
         }
     }
 
@@ -288,6 +358,45 @@ impl Metrics {
             })
             .observe(elapsed.as_secs_f64());
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts one answered request a traffic route took.
+    pub(crate) fn route_answered(
+        &self,
+        route: String,
+        backend: String,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let labels = RouteLabels { route, backend };
+        self.route_requests.get_or_create(&labels).inc();
+        self.route_latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.route_responses
+            .get_or_create(&RouteClassLabels {
+                route: labels.route,
+                backend: labels.backend,
+                class,
+            })
+            .inc();
+    }
+
+    /// Counts one mirror copy's outcome.
+    pub(crate) fn route_mirror(&self, route: &str, backend: &str, outcome: &str) {
+        self.route_mirrors
+            .get_or_create(&MirrorLabels {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a failed handshake.

@@ -73,6 +73,16 @@ pub enum UpstreamConfigError {
         /// The service.
         service: String,
     },
+    /// A subset without labels or endpoints, or with labels that cannot travel.
+    #[error("service `{service}`: subsets[{index}]: {problem}")]
+    BadSubset {
+        /// The service.
+        service: String,
+        /// The subset's place in the list.
+        index: usize,
+        /// What is wrong.
+        problem: String,
+    },
     /// An endpoint is not `host:port`.
     #[error("service `{service}`: endpoint `{endpoint}` is not `host:port`")]
     BadEndpoint {
@@ -110,6 +120,8 @@ pub(crate) struct LocalService {
     protocol: ServiceProtocol,
     proxy_protocol: bool,
     in_flight: AtomicUsize,
+    /// Subsets of the endpoints with more labels, for traffic routes.
+    subsets: Vec<Arc<LocalService>>,
 }
 
 impl std::fmt::Debug for LocalService {
@@ -138,6 +150,33 @@ impl LocalService {
         tls: Option<rustls::ClientConfig>,
     ) -> Result<Self, UpstreamConfigError> {
         let name = format!("{}.{}", config.name, config.namespace);
+        let mut subsets = Vec::with_capacity(config.subsets.len());
+        for (index, subset) in config.subsets.iter().enumerate() {
+            let bad = |problem: String| UpstreamConfigError::BadSubset {
+                service: name.clone(),
+                index,
+                problem,
+            };
+            if subset.labels.is_empty() || subset.endpoints.is_empty() {
+                return Err(bad("give it `labels` and `endpoints`".to_owned()));
+            }
+            let text = subset
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            crate::traffic::Subset::parse(&text).map_err(bad)?;
+            let mut labels = config.labels.clone();
+            labels.extend(subset.labels.clone());
+            let derived = ServiceConfig {
+                labels,
+                endpoints: subset.endpoints.clone(),
+                subsets: Vec::new(),
+                ..config.clone()
+            };
+            subsets.push(Arc::new(LocalService::new(&derived, tls.clone())?));
+        }
         if config.proxy_protocol && config.protocol != ServiceProtocol::Tcp {
             return Err(UpstreamConfigError::ProxyProtocolNotTcp { service: name });
         }
@@ -211,7 +250,21 @@ impl LocalService {
             protocol: config.protocol,
             proxy_protocol: config.proxy_protocol,
             in_flight: AtomicUsize::new(0),
+            subsets,
         })
+    }
+
+    /// The endpoints of `subset`: the first subset carrying its labels, else the service
+    /// itself if its own labels do; an empty subset is the service.
+    pub(crate) fn subset(self: &Arc<Self>, subset: &crate::traffic::Subset) -> Option<Arc<Self>> {
+        if subset.is_empty() {
+            return Some(self.clone());
+        }
+        self.subsets
+            .iter()
+            .find(|s| subset.matches(&s.labels))
+            .cloned()
+            .or_else(|| subset.matches(&self.labels).then(|| self.clone()))
     }
 
     /// `service.namespace`.
@@ -244,6 +297,11 @@ impl LocalService {
         self.proxy_protocol
     }
 
+    /// Time allowed each try until the response head, unless a route says otherwise.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// How many times a request that enters the mesh here may be retried.
     pub(crate) fn retries(&self) -> u32 {
         self.retries
@@ -268,6 +326,7 @@ impl LocalService {
         parts: &http::request::Parts,
         body: GatewayBody,
         avoid: &[usize],
+        timeout: Duration,
     ) -> (usize, Result<Response<Incoming>, UpstreamError>) {
         let random = (
             rand::random::<u32>() as usize,
@@ -284,7 +343,7 @@ impl LocalService {
         };
         let started = Instant::now();
         let inflight = endpoint.start();
-        let result = tokio::time::timeout(self.timeout, self.send(request)).await;
+        let result = tokio::time::timeout(timeout, self.send(request)).await;
         let result = match result {
             Ok(Ok(resp)) if !is_retryable_status(resp.status()) => {
                 inflight.success(started.elapsed());
@@ -305,7 +364,7 @@ impl LocalService {
                 inflight.failure(Instant::now());
                 Err(UpstreamError::Timeout {
                     endpoint: endpoint.addr.clone(),
-                    timeout: self.timeout,
+                    timeout,
                 })
             }
         };
@@ -465,6 +524,7 @@ mod tests {
             retries: 1,
             protocol: ServiceProtocol::Http,
             proxy_protocol: false,
+            subsets: Vec::new(),
         }
     }
 

@@ -36,7 +36,7 @@ pub use log::{
     CallerGrouping, Checkpoint, CheckpointSigner, DecisionKind, DecisionLog, DecisionRecord,
     DecisionRecordInput, Durability, Edge, EdgeCounts, Filter, GENESIS_HASH, GraphBuilder,
     HashesAt, LogError, LogOptions, MigrateReport, Node, PruneReport, Receipt, ServiceGraph,
-    Tamper, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
+    Tamper, TrafficNote, VerifyReport, migrate_from_sled, new_decision_id, sled_log_present,
 };
 pub use path::{MAX_PATH_LEN, PathError, PathRules, normalize_path, normalize_path_with};
 pub use prove::{

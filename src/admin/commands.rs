@@ -347,6 +347,29 @@ impl AdminCommand for PolicyReload {
     type Reply = ReloadReply;
 }
 
+/// `routes reload`: re-read the traffic routes from the gateway's config file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesReload {}
+
+impl AdminCommand for RoutesReload {
+    const NAME: &'static str = "routes.reload";
+    type Reply = RoutesReply;
+}
+
+/// What a routes reload did. A refused set is an answer ("no"), not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesReply {
+    /// Whether the new routes now serve.
+    pub reloaded: bool,
+    /// Routes in use now (the old count when refused).
+    pub routes: usize,
+    /// Why the new routes were refused: every problem, each with its route and key.
+    pub errors: Vec<String>,
+    /// Backends that cannot serve now (accepted, skipped until they can).
+    pub warnings: Vec<String>,
+}
+
 /// What a reload did. A refused set is an answer ("no"), not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadReply {

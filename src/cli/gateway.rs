@@ -25,7 +25,7 @@ impl GatewayArgs {
     pub fn run(self) -> CliResult<Outcome> {
         let config = load_config(&self.config)?;
         tracing::info!(config = ?config, "effective config");
-        let prepared = Prepared::open(config)?;
+        let prepared = Prepared::open(config)?.with_config_file(&self.config);
         if self.check {
             println!(
                 "{}",
@@ -73,5 +73,13 @@ pub fn load_config(path: &Path) -> CliResult<GatewayConfig> {
         .trust_domain
         .parse::<TrustDomain>()
         .input_ctx(|| format!("`{}`: `trust_domain`", path.display()))?;
+    if let Err(problems) = meshgate_gateway::check_routes(&config.routes) {
+        return Err(CliError::input(anyhow::anyhow!(
+            "invalid config `{}`: {} problem(s) in `[[routes]]`:\n  {}",
+            path.display(),
+            problems.len(),
+            problems.join("\n  ")
+        )));
+    }
     Ok(config)
 }

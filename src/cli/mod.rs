@@ -7,6 +7,7 @@ pub(crate) mod gateway;
 mod identity;
 mod policy;
 mod prove;
+pub(crate) mod routes;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +44,9 @@ enum Command {
     /// Federation links to peer clusters: add, remove, list, status.
     #[command(subcommand)]
     Federation(federation::FederationCommand),
+    /// Traffic routes: reload them into a running gateway.
+    #[command(subcommand)]
+    Routes(routes::RoutesCommand),
 }
 
 impl Cli {
@@ -54,6 +58,7 @@ impl Cli {
             Command::Gateway(cmd) => cmd.run(),
             Command::Demo(cmd) => cmd.run(),
             Command::Federation(cmd) => cmd.run(),
+            Command::Routes(cmd) => cmd.run(),
         }
     }
 }

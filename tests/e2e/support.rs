@@ -115,6 +115,7 @@ pub fn service(
         retries: 1,
         protocol: Default::default(),
         proxy_protocol: false,
+        subsets: Vec::new(),
     }
 }
 
@@ -192,7 +193,8 @@ impl Cluster {
             },
             services: spec.services,
             peers: vec![],
-            routes: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+            routes: Vec::new(),
             limits: Limits::default(),
             identity: Default::default(),
             audit: Default::default(),

@@ -34,6 +34,8 @@ pub struct EdgeCounts {
     pub deny: u64,
     pub quota_exceeded: u64,
     pub error: u64,
+    /// Requests a traffic route injected a fault into (not a refusal by policy).
+    pub fault: u64,
 }
 
 impl EdgeCounts {
@@ -43,6 +45,7 @@ impl EdgeCounts {
             DecisionKind::Deny => self.deny += 1,
             DecisionKind::QuotaExceeded => self.quota_exceeded += 1,
             DecisionKind::Error => self.error += 1,
+            DecisionKind::Fault => self.fault += 1,
             DecisionKind::Admin => {}
         }
     }
@@ -59,6 +62,7 @@ impl EdgeCounts {
             ("deny", self.deny),
             ("429", self.quota_exceeded),
             ("error", self.error),
+            ("fault", self.fault),
         ] {
             if n > 0 {
                 let _ = write!(text, ", {name} {n}");
@@ -312,6 +316,7 @@ mod tests {
             quota_remaining: None,
             status: None,
             facts: None,
+            traffic: None,
         }
     }
 
@@ -383,7 +388,8 @@ mod tests {
                 allow: 4,
                 deny: 2,
                 quota_exceeded: 2,
-                error: 0
+                error: 0,
+                fault: 0
             }
         );
         let node = g.nodes.iter().find(|n| n.id == shop.from).unwrap();

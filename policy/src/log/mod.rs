@@ -44,7 +44,7 @@ pub use graph::{CallerGrouping, Edge, EdgeCounts, GraphBuilder, Node, ServiceGra
 pub use migrate::{MigrateReport, migrate_from_sled, sled_log_present};
 pub use query::{Filter, HashesAt, PruneReport};
 pub use record::{
-    DecisionKind, DecisionRecord, DecisionRecordInput, GENESIS_HASH, new_decision_id,
+    DecisionKind, DecisionRecord, DecisionRecordInput, GENESIS_HASH, TrafficNote, new_decision_id,
 };
 pub use signer::{Checkpoint, CheckpointSigner};
 pub use verify::{Tamper, VerifyReport};

@@ -37,6 +37,11 @@ pub enum DecisionKind {
     Error,
     /// An administrative action (who in `principal`, what in `action`).
     Admin,
+    /// A traffic route injected a fault (`traffic.fault`: an abort the caller got instead
+    /// of an answer, or a delay before forwarding). Cedar had allowed the request when it
+    /// was asked here (then `facts` are kept); for a service in another cluster the source
+    /// records the fault without facts, and the destination decides what is forwarded.
+    Fault,
 }
 
 impl DecisionKind {
@@ -48,12 +53,14 @@ impl DecisionKind {
             Self::QuotaExceeded => "quota_exceeded",
             Self::Error => "error",
             Self::Admin => "admin",
+            Self::Fault => "fault",
         }
     }
 
-    /// Whether the policies allowed the request (allow or quota exceeded).
+    /// Whether the policies allowed the request (allow, quota exceeded, or a fault injected
+    /// after an allow).
     pub fn policy_allowed(self) -> bool {
-        matches!(self, Self::Allow | Self::QuotaExceeded)
+        matches!(self, Self::Allow | Self::QuotaExceeded | Self::Fault)
     }
 }
 
@@ -67,11 +74,34 @@ impl std::str::FromStr for DecisionKind {
             "quota_exceeded" => Ok(Self::QuotaExceeded),
             "error" => Ok(Self::Error),
             "admin" => Ok(Self::Admin),
+            "fault" => Ok(Self::Fault),
             _ => Err(format!(
-                "`{s}` is not one of allow, deny, quota_exceeded, error, admin"
+                "`{s}` is not one of allow, deny, quota_exceeded, error, admin, fault"
             )),
         }
     }
+}
+
+/// How a traffic route steered a request, in its record (absent when no route was involved).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficNote {
+    /// The route that matched (at the source gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The backend the route chose: a cluster, with its subset (`north/version=v2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// The subset of the service the request was sent to (`version=v2`), at the gateway
+    /// that chose the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// This request is a mirror copy: its answer was discarded, nobody waited for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror: bool,
+    /// The fault the route injected: `abort 503` or `delay 200ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 /// What the caller hands to [`crate::DecisionLog::append`]; the log adds seq, chain and hash.
@@ -116,6 +146,8 @@ pub struct DecisionRecordInput {
     /// The request facts, so `policy replay` can re-decide the request (credential headers
     /// are removed).
     pub facts: Option<RequestFacts>,
+    /// How a traffic route steered the request.
+    pub traffic: Option<TrafficNote>,
 }
 
 impl DecisionRecordInput {
@@ -153,6 +185,7 @@ impl DecisionRecordInput {
             quota_remaining: None,
             status: None,
             facts: Some(kept),
+            traffic: None,
         }
     }
 
@@ -178,6 +211,7 @@ impl DecisionRecordInput {
             quota_remaining: None,
             status: None,
             facts: None,
+            traffic: None,
         }
     }
 }
@@ -228,6 +262,10 @@ pub struct DecisionRecord {
     pub status: Option<u16>,
     /// The request facts (for replay).
     pub facts: Option<RequestFacts>,
+    /// How a traffic route steered the request (absent from records that have none, and
+    /// from every record written before routes existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficNote>,
     /// This record's hash (not part of the body).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
@@ -258,6 +296,7 @@ impl DecisionRecord {
             quota_remaining: input.quota_remaining,
             status: input.status,
             facts: input.facts,
+            traffic: input.traffic,
             hash: String::new(),
         }
     }
@@ -304,6 +343,12 @@ struct Tail<'a> {
     quota_remaining: Option<u64>,
     status: Option<u16>,
     facts: &'a Option<RequestFacts>,
+    #[serde(skip_serializing_if = "absent")]
+    traffic: &'a Option<TrafficNote>,
+}
+
+fn absent(traffic: &&Option<TrafficNote>) -> bool {
+    traffic.is_none()
 }
 
 /// Serializes everything of `input` but its place in the chain.
@@ -329,6 +374,7 @@ pub(crate) fn prepare(input: &DecisionRecordInput) -> Result<Prepared, serde_jso
         quota_remaining: input.quota_remaining,
         status: input.status,
         facts: &input.facts,
+        traffic: &input.traffic,
     })?;
     Ok(Prepared {
         tail,
