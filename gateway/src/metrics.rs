@@ -65,8 +65,9 @@ pub struct MirrorLabels {
     pub route: String,
     /// The mirror backend.
     pub backend: String,
-    /// `sent`, `failed` (5xx), `unreachable`, a refusal (`deny`, `quota_exceeded`, …), or
-    /// `skipped_body` / `skipped_busy` when no copy was made.
+    /// `sent`, `refused` (4xx where it landed), `failed` (5xx), `unreachable`, a refusal
+    /// here (`deny`, `quota_exceeded`, …), or `skipped_body` / `skipped_busy` when no copy
+    /// was made.
     pub outcome: String,
 }
 

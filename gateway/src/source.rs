@@ -657,7 +657,7 @@ impl Source {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if !length.is_some_and(|n| n <= MIRROR_BODY_MAX) {
+        if length.is_none_or(|n| n > MIRROR_BODY_MAX) {
             self.metrics.route_mirror(route, "", "skipped_body");
             return Ok((body.map_err(Into::into).boxed(), None));
         }
@@ -741,10 +741,10 @@ impl Source {
                     // Read to the end so the connection is reused; the bytes are dropped.
                     let status = resp.status();
                     let _ = resp.into_body().collect().await;
-                    if status.is_server_error() {
-                        "failed"
-                    } else {
-                        "sent"
+                    match status.as_u16() {
+                        400..=499 => "refused",
+                        500.. => "failed",
+                        _ => "sent",
                     }
                 }
                 Forwarded::Unreachable(_) => "unreachable",

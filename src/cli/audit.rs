@@ -40,7 +40,7 @@ pub enum AuditCommand {
         /// Only this service (`<service>.<namespace>.<cluster>`).
         #[arg(long)]
         resource: Option<String>,
-        /// Only this decision: allow, deny, quota_exceeded, error, admin.
+        /// Only this decision: allow, deny, quota_exceeded, error, admin, fault.
         #[arg(long)]
         decision: Option<String>,
         /// Only records this policy id determined (enforced or shadow).

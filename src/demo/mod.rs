@@ -41,7 +41,33 @@ const POLICIES: &[(&str, &str, &str)] = &[
         "inventory.cedar",
         include_str!("../../examples/demo/policies/north-shadow/inventory.cedar"),
     ),
+    (
+        "north",
+        "orders.cedar",
+        include_str!("../../examples/demo/policies/north/orders.cedar"),
+    ),
+    (
+        "north-shadow",
+        "orders.cedar",
+        include_str!("../../examples/demo/policies/north/orders.cedar"),
+    ),
 ];
+
+/// North also runs `orders` v2 (labels `version = "v2"`), the canary of east's route.
+const CANARY_SERVICE: &str = "orders-v2";
+
+/// East's traffic route: 90/10 between west's `orders` and north's v2, and a 503 injected for
+/// one caller only.
+const EAST_ROUTES: &str = r#"
+[[routes]]
+name = "orders-canary"
+service = "orders.shop"
+backends = [
+  { cluster = "west", weight = 90 },
+  { cluster = "north", subset = { version = "v2" }, weight = 10 },
+]
+faults = [{ abort = 503, callers = ["spiffe://east.example/ns/qa/sa/tester"] }]
+"#;
 
 /// The three clusters: name and the service each serves.
 const CLUSTERS: [(&str, &str); 3] = [
@@ -139,12 +165,20 @@ async fn run(dir: PathBuf, exit: bool) -> CliResult<Outcome> {
         let addr = upstream::start(service).await.internal_err()?;
         upstreams.push((cluster, service, addr));
     }
+    let canary = upstream::start(CANARY_SERVICE).await.internal_err()?;
     let ports: Vec<Ports> = CLUSTERS
         .iter()
         .map(|_| Ports::pick())
         .collect::<CliResult<_>>()?;
     for (i, (cluster, service)) in CLUSTERS.iter().enumerate() {
-        let text = config_toml(&dir, i, cluster, service, upstreams[i].2, &ports)?;
+        let extra = match *cluster {
+            "east" => EAST_ROUTES.to_owned(),
+            "north" => format!(
+                "\n[[services]]\nname = \"orders\"\nnamespace = \"shop\"\nendpoints = [\"{canary}\"]\nexport_to = [\"east\"]\nlabels = {{ version = \"v2\" }}\n"
+            ),
+            _ => String::new(),
+        };
+        let text = config_toml(&dir, i, cluster, service, upstreams[i].2, &ports)? + &extra;
         write(&dir.join(cluster).join("gateway.toml"), &text)?;
     }
 
@@ -316,8 +350,14 @@ fn config_toml(
         if j == i {
             continue;
         }
+        // North serves the canary of `orders` too; only east's route sends to it.
+        let imports = if *peer == "north" && cluster == "east" {
+            format!("\"{peer_service}.shop\", \"orders.shop\"")
+        } else {
+            format!("\"{peer_service}.shop\"")
+        };
         text.push_str(&format!(
-            "\n[[peers]]\ncluster = \"{peer}\"\ntrust_domain = \"{peer}.example\"\ngateways = [\"{}\"]\nbundle = \"../{peer}/bundle.json\"\nservices = [\"{peer_service}.shop\"]\nshared = [\"{peer_service}.shop\"]\n",
+            "\n[[peers]]\ncluster = \"{peer}\"\ntrust_domain = \"{peer}.example\"\ngateways = [\"{}\"]\nbundle = \"../{peer}/bundle.json\"\nservices = [{imports}]\nshared = [\"{peer_service}.shop\"]\n",
             ports[j].tunnel
         ));
     }

@@ -202,6 +202,48 @@ pub async fn run(dir: &Path, running: &[Running]) -> CliResult<Summary> {
         "an unknown service gets 404, recorded in east's own log",
         r.status == StatusCode::NOT_FOUND && record(&east.log, r.decision_id()).is_some(),
     );
+
+    println!(
+        "\n  7. moving traffic: a 90/10 canary of `orders.shop` (west v1, north v2), and a fault"
+    );
+    let (mut v1, mut v2, mut other) = (0, 0, 0);
+    const CALLS: usize = 150;
+    for _ in 0..CALLS {
+        let r = web
+            .call("GET", "orders.shop.mesh", "/v1/orders", &[])
+            .await
+            .internal_err()?;
+        match r.body.as_str() {
+            b if b.contains("\"service\":\"orders-v2\"") => v2 += 1,
+            b if b.contains("\"service\":\"orders\"") => v1 += 1,
+            _ => other += 1,
+        }
+    }
+    println!(
+        "     {CALLS} calls by web: west (v1) {v1}, north (v2) {v2}{}",
+        if other > 0 {
+            format!(", {other} failed")
+        } else {
+            String::new()
+        }
+    );
+    s.check(
+        "east's route `orders-canary` split them about 90/10 (each call decided in the cluster it went to)",
+        other == 0 && v1 + v2 == CALLS && (3..=40).contains(&v2),
+    );
+    let tester =
+        Workload::new(Some(&svid("/ns/qa/sa/tester")?), &bundle, gateway).internal_err()?;
+    let r = tester
+        .call("GET", "orders.shop.mesh", "/v1/orders", &[])
+        .await
+        .internal_err()?;
+    show(&r);
+    let rec = record(&east.log, r.decision_id());
+    s.check(
+        "the tester gets the route's injected 503, recorded in east's log as `fault`",
+        r.status == StatusCode::SERVICE_UNAVAILABLE
+            && rec.is_some_and(|d| d.decision == meshgate_policy::DecisionKind::Fault),
+    );
     println!();
     Ok(s)
 }
@@ -263,6 +305,8 @@ pub fn try_it(dir: &Path, running: &[Running]) -> String {
          meshgate audit query {west} --decision deny\n  \
          meshgate audit query {north} --json | grep -c differs\n  \
          meshgate audit verify {west}\n  \
+         meshgate audit query {east} --decision fault\n  \
+         curl -s http://{east_admin}/metrics | grep meshgate_route_requests\n  \
          meshgate federation status --state {east_state}\n  \
          curl -s http://{admin}/metrics | grep meshgate_requests\n",
         web = web.display(),
@@ -270,6 +314,8 @@ pub fn try_it(dir: &Path, running: &[Running]) -> String {
         west = d("west"),
         north = d("north"),
         east_state = d("east"),
+        east = d("east"),
+        east_admin = running[0].addrs().admin,
         admin = running[1].addrs().admin,
     )
 }

@@ -23,5 +23,7 @@ mod protocols;
 mod reconnect;
 mod relay;
 mod support;
+mod traffic;
+mod traffic_cli;
 mod tunnel_attacks;
 mod witness_rollback;

@@ -431,6 +431,16 @@ impl Client {
         Ok(resp)
     }
 
+    /// One HTTP/1.1 connection for many requests in a row (keep-alive).
+    pub async fn session(&self) -> Session {
+        let tls = self.connect().await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Session(sender)
+    }
+
     pub async fn get(&self, authority: &str, path: &str) -> Result<Reply, String> {
         let req = Request::get(path)
             .header("host", authority)
@@ -459,6 +469,33 @@ impl Client {
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(|e| e.to_string())?;
         Ok(TokioIo::new(upgraded))
+    }
+}
+
+/// Requests one after another on one connection of a [`Client`].
+pub struct Session(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
+
+impl Session {
+    /// `GET path` with `host: authority` and `headers`.
+    pub async fn get(&mut self, authority: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = Request::get(path).header("host", authority);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.0.ready().await.unwrap();
+        let resp = self
+            .0
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.unwrap();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            trailers: collected.trailers().cloned(),
+            body: collected.to_bytes(),
+        }
     }
 }
 
