@@ -653,9 +653,9 @@ impl Traffic {
         }
     }
 
-    /// The routes now.
-    pub(crate) fn table(&self) -> Arc<RouteTable> {
-        self.table.load_full()
+    /// The routes now (a guard: cheap, not to be held across an await).
+    pub(crate) fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
     }
 
     /// Serves with `table` from the next request on.
