@@ -382,7 +382,7 @@ faults = [{ abort = 503, callers = ["spiffe://east.example/ns/qa/sa/tester"] }]
 name = "ledger-chaos"
 service = "ledger.shop"
 faults = [
-  { delay = "300ms", headers = [{ name = "x-slow", exact = "1" }] },
+  { delay = "300ms", callers = ["spiffe://east.example/ns/shop/sa/web"], headers = [{ name = "x-slow", exact = "1" }] },
   { abort = 503, namespaces = ["qa"] },
 ]
 "#,
@@ -458,6 +458,15 @@ faults = [
     let r = crate::support::find_record(&mesh.east.log, &slow.decision_id()).unwrap();
     assert_eq!(r.decision, DecisionKind::Fault);
     assert_eq!(r.traffic.unwrap().fault.as_deref(), Some("delay 300ms"));
+    // The delay is web's alone: the tester with the same header gets its own fault.
+    let req = Request::get("/")
+        .header("host", "ledger.shop.mesh")
+        .header("x-slow", "1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let other = mesh.client(TESTER).send(req).await.unwrap();
+    let r = crate::support::find_record(&mesh.east.log, &other.decision_id()).unwrap();
+    assert_eq!(r.traffic.unwrap().fault.as_deref(), Some("abort 503"));
     assert!(mesh.east.log.verify().unwrap().is_ok());
 }
 

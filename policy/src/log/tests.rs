@@ -136,12 +136,35 @@ fn the_split_encoding_is_the_canonical_one() {
     let prepared = record::prepare(&input).unwrap();
     let mut split = Vec::new();
     record::body(42, GENESIS_HASH, &prepared, &mut split);
-    let mut whole = DecisionRecord::new(input, 42, GENESIS_HASH.to_owned(), prepared.id.clone());
+    let mut whole = DecisionRecord::new(
+        input.clone(),
+        42,
+        GENESIS_HASH.to_owned(),
+        prepared.id.clone(),
+    );
     whole.hash.clear();
     assert_eq!(
         String::from_utf8(split).unwrap(),
         serde_json::to_string(&whole).unwrap()
     );
+    // With a traffic note (a member only records steered by a route have), too.
+    input.decision = DecisionKind::Fault;
+    input.traffic = Some(crate::TrafficNote {
+        route: Some("orders-canary".into()),
+        backend: Some("north/version=v2".into()),
+        fault: Some("abort 503".into()),
+        ..Default::default()
+    });
+    let prepared = record::prepare(&input).unwrap();
+    let mut split = Vec::new();
+    record::body(43, GENESIS_HASH, &prepared, &mut split);
+    let mut whole = DecisionRecord::new(input, 43, GENESIS_HASH.to_owned(), prepared.id.clone());
+    whole.hash.clear();
+    let text = String::from_utf8(split).unwrap();
+    assert_eq!(text, serde_json::to_string(&whole).unwrap());
+    assert!(text.ends_with(r#","traffic":{"route":"orders-canary","backend":"north/version=v2","fault":"abort 503"}}"#), "{text}");
+    let back: DecisionRecord = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.traffic, whole.traffic);
 }
 
 #[test]
