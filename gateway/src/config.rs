@@ -56,6 +56,36 @@ pub struct GatewayConfig {
     /// How request paths are normalized before Cedar sees them.
     #[serde(default)]
     pub paths: PathSettings,
+    /// Distributed traces (`[telemetry]`), off by default.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+}
+
+/// Spans of each request exported over OTLP/HTTP (protobuf) when `otlp_endpoint` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// Where spans go, e.g. `http://127.0.0.1:4318/v1/traces` (an OpenTelemetry collector,
+    /// Jaeger, Tempo). None: no spans are made.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of this gateway's spans (default `meshgate-<cluster>`).
+    pub service_name: Option<String>,
+    /// The share of new traces kept, 0–1; a trace a caller started keeps its caller's choice.
+    pub sample_ratio: f64,
+    /// How often batches of spans are sent.
+    #[serde(deserialize_with = "de_duration")]
+    pub export_interval: Duration,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: None,
+            sample_ratio: 1.0,
+            export_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Path rules an operator may change (`[paths]`); the rest are fixed (see the README).

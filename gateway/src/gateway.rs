@@ -22,6 +22,7 @@ use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::source::Source;
 use crate::svid::{SvidError, SvidStore};
+use crate::telemetry::Telemetry;
 use crate::traffic::config::RouteConfig;
 use crate::traffic::{RouteTable, Traffic};
 use crate::tunnel::{ResetSecret, Tunnel};
@@ -163,6 +164,7 @@ impl Routes {
 pub struct Gateway {
     id: SpiffeId,
     source: Arc<Source>,
+    telemetry: Option<Arc<Telemetry>>,
     cluster: String,
     metrics: Arc<Metrics>,
     tunnel: Arc<Tunnel>,
@@ -315,6 +317,8 @@ impl Gateway {
             config.limits.tunnel_timeout,
             metrics.clone(),
         ));
+        let telemetry = Telemetry::start(&config.telemetry, &config.cluster, id.as_str())
+            .map_err(GatewayError::Config)?;
         let traffic = Arc::new(Traffic::new(
             RouteTable::compile(&config.routes)
                 .map_err(|errors| GatewayError::Config(errors.join("; ")))?,
@@ -335,6 +339,7 @@ impl Gateway {
             in_flight: in_flight.clone(),
             traffic: traffic.clone(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(source::MAX_MIRRORS)),
+            telemetry: telemetry.clone(),
         });
         let inbound = Arc::new(Inbound {
             cluster: config.cluster.clone(),
@@ -353,6 +358,7 @@ impl Gateway {
             limits: config.limits.clone(),
             in_flight: in_flight.clone(),
             control_slots: Default::default(),
+            telemetry: telemetry.clone(),
         });
 
         let mut accept_tasks = vec![
@@ -394,6 +400,7 @@ impl Gateway {
         Ok(Gateway {
             id,
             source,
+            telemetry,
             cluster: config.cluster.clone(),
             metrics,
             tunnel,
@@ -468,6 +475,9 @@ impl Gateway {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.tunnel.endpoint().wait_idle()).await;
         for task in &self.background {
             task.abort();
+        }
+        if let Some(telemetry) = self.telemetry.clone() {
+            telemetry.shutdown().await;
         }
         tracing::info!(cluster = %self.cluster, "gateway stopped");
     }

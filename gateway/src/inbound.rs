@@ -23,6 +23,7 @@ use crate::forward::{Forwarded, Forwarder, Tries};
 use crate::gateway::InFlight;
 use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::respond;
+use crate::telemetry::{self, Spans, Telemetry};
 use crate::traffic::{MIRROR_HEADER, SUBSET_HEADER, Subset};
 use crate::tunnel;
 use crate::upstream::LocalServices;
@@ -48,6 +49,8 @@ pub(crate) struct Inbound {
     pub in_flight: Arc<InFlight>,
     /// Control requests in progress per peer trust domain.
     pub control_slots: ControlSlots,
+    /// Span export, when traces are on.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Bounds the control requests each peer trust domain has in progress.
@@ -163,7 +166,15 @@ async fn handle(ctx: &Inbound, peer: &Peer, req: Request<()>, stream: ServerStre
         return control(ctx, peer, req, stream).await;
     }
     let (mut send, recv) = stream.split();
-    let (response, labels) = exchange(ctx, peer, req, H3Body::new(recv).boxed()).await;
+    let mut spans = None;
+    let (response, labels) = exchange(ctx, peer, req, H3Body::new(recv).boxed(), &mut spans).await;
+    if let (Some(telemetry), Some(spans)) = (&ctx.telemetry, spans) {
+        telemetry.finish(
+            spans,
+            "meshgate destination",
+            crate::source::span_attributes(&labels, &response, None),
+        );
+    }
     ctx.metrics.observe(labels, started.elapsed());
     let responding = std::time::Instant::now();
     let (parts, resp_body) = response.into_parts();
@@ -184,10 +195,12 @@ async fn exchange(
     peer: &Peer,
     req: Request<()>,
     body: GatewayBody,
+    spans: &mut Option<Spans>,
 ) -> (Response<GatewayBody>, RequestLabels) {
     let now = Now::current();
     let (mut head, ()) = req.into_parts();
     let mut meta = RequestMeta::new(&mut head.headers);
+    *spans = ctx.telemetry.as_ref().map(|t| t.begin(&mut head.headers));
     // What the source gateway's traffic route chose: a subset of the service, a mirror copy.
     let subset = header(&head, SUBSET_HEADER).map(Subset::parse);
     let mirror = header(&head, MIRROR_HEADER) == Some("1");
@@ -246,14 +259,23 @@ async fn exchange(
         target,
         fault: None,
     };
+    let admitting = std::time::Instant::now();
     let decided = ctx.admission.admit(ask, now);
     lap(Stage::Admit);
     let recorded = ctx.admission.record(decided).await;
     lap(Stage::Record);
+    if let Some(spans) = spans.as_mut() {
+        spans.admitted(admitting);
+    }
     let mut response = match recorded {
         Ok(permit) => {
             let id = permit.decision_id().to_owned();
-            let mut resp = match ctx.forwarder.forward(permit, head, body, Tries::Once).await {
+            let forwarding = std::time::Instant::now();
+            let forwarded = ctx.forwarder.forward(permit, head, body, Tries::Once).await;
+            if let Some(spans) = spans.as_mut() {
+                spans.forwarded(telemetry::Hop::Upstream, forwarding);
+            }
+            let mut resp = match forwarded {
                 Forwarded::Answer(resp) => resp,
                 // Only remote targets are unreachable; a peer never gets one.
                 Forwarded::Unreachable(u) => {

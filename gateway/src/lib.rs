@@ -26,6 +26,7 @@ mod respond;
 mod source;
 mod strangers;
 mod svid;
+mod telemetry;
 mod tls;
 mod traffic;
 mod tunnel;
@@ -35,7 +36,8 @@ pub use caller::{CALLER_REF_HEADER, CALLER_TOKEN_HEADER, audience};
 pub use catalog::{Catalog, ControlHandler, PeerRoute, Route, StaticCatalog};
 pub use config::{
     AuditSettings, GatewayConfig, IdentitySettings, Limits, Listeners, PeerConfig, PolicyConfig,
-    RuntimeSettings, ServiceConfig, ServiceProtocol, SubsetConfig, WitnessCheck, parse_duration,
+    RuntimeSettings, ServiceConfig, ServiceProtocol, SubsetConfig, TelemetrySettings, WitnessCheck,
+    parse_duration,
 };
 pub use dest::{Destination, DestinationError, Resolver};
 pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts, Routes, RoutesReport};

@@ -29,6 +29,7 @@ use crate::gateway::InFlight;
 use crate::headers;
 use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::respond;
+use crate::telemetry::{self, Spans, Telemetry};
 use crate::traffic::{self, Backend, Pick, Traffic};
 use crate::upstream::LocalServices;
 
@@ -64,6 +65,8 @@ pub(crate) struct Source {
     pub traffic: Arc<Traffic>,
     /// Mirror copies in flight (past the limit, copies are skipped, never queued).
     pub mirrors: Arc<Semaphore>,
+    /// Span export, when traces are on.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Mirror copies in flight at most, per gateway.
@@ -259,7 +262,8 @@ async fn handle(
     let started = Instant::now();
     let _in_flight = ctx.in_flight.begin();
     let version = req.version();
-    let (mut response, labels, routed) = exchange(ctx, req, auth, remote).await;
+    let mut spans = None;
+    let (mut response, labels, routed) = exchange(ctx, req, auth, remote, &mut spans).await;
     // Responses from the tunnel say HTTP/3; the workload gets its own protocol version.
     *response.version_mut() = version;
     let (route, backend) = routed
@@ -276,12 +280,46 @@ async fn handle(
         micros = started.elapsed().as_micros() as u64,
         "request"
     );
+    if let (Some(telemetry), Some(spans)) = (&ctx.telemetry, spans) {
+        telemetry.finish(
+            spans,
+            "meshgate source",
+            span_attributes(&labels, &response, routed.as_ref()),
+        );
+    }
     if let Some((route, backend)) = routed {
         ctx.metrics
             .route_answered(route, backend, labels.status, started.elapsed());
     }
     ctx.metrics.observe(labels, started.elapsed());
     response
+}
+
+/// What a request's server span says: who called what, the decision and its record's id.
+pub(crate) fn span_attributes(
+    labels: &RequestLabels,
+    response: &Response<GatewayBody>,
+    routed: Option<&(String, String)>,
+) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    let mut attributes = vec![
+        KeyValue::new("meshgate.caller_trust_domain", labels.source.clone()),
+        KeyValue::new("meshgate.service", labels.destination.clone()),
+        KeyValue::new("meshgate.decision", labels.decision),
+        KeyValue::new("http.response.status_code", i64::from(labels.status)),
+    ];
+    if let Some(id) = response
+        .headers()
+        .get(crate::headers::DECISION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        attributes.push(KeyValue::new("meshgate.decision_id", id.to_owned()));
+    }
+    if let Some((route, backend)) = routed {
+        attributes.push(KeyValue::new("meshgate.route", route.clone()));
+        attributes.push(KeyValue::new("meshgate.backend", backend.clone()));
+    }
+    attributes
 }
 
 /// One request from a workload, top to bottom: authenticate the caller, resolve the target
@@ -291,6 +329,7 @@ async fn exchange(
     mut req: Request<Incoming>,
     auth: &Auth,
     remote: SocketAddr,
+    spans: &mut Option<Spans>,
 ) -> (
     Response<GatewayBody>,
     RequestLabels,
@@ -311,6 +350,7 @@ async fn exchange(
     headers::strip_meshgate(&mut head.headers);
     let mut meta = RequestMeta::new(&mut head.headers);
     meta.source = Some(remote.ip());
+    *spans = ctx.telemetry.as_ref().map(|t| t.begin(&mut head.headers));
     let mut clock = Instant::now();
     let mut lap = |stage| {
         let t = Instant::now();
@@ -356,10 +396,14 @@ async fn exchange(
         target,
         fault: fault.as_ref(),
     };
+    let admitting = Instant::now();
     let decided = ctx.admission.admit(ask, now);
     lap(Stage::Admit);
     let recorded = ctx.admission.record(decided).await;
     lap(Stage::Record);
+    if let Some(spans) = spans.as_mut() {
+        spans.admitted(admitting);
+    }
     let permit = match recorded {
         Ok(permit) => permit,
         Err(refusal) => {
@@ -408,6 +452,11 @@ async fn exchange(
     let tries = route
         .and_then(|r| r.retry.as_ref())
         .map_or(Tries::Standard, Tries::Route);
+    let hop = match permit.target() {
+        Target::Local(_) => telemetry::Hop::Upstream,
+        Target::Remote { .. } => telemetry::Hop::Tunnel,
+    };
+    let forwarding_since = Instant::now();
     let forwarding = ctx.forwarder.forward(permit, head, body, tries);
     let forwarded = match route.and_then(|r| r.timeout.map(|t| (r, t))) {
         Some((r, limit)) => match tokio::time::timeout(limit, forwarding).await {
@@ -422,6 +471,9 @@ async fn exchange(
         },
         None => forwarding.await,
     };
+    if let Some(spans) = spans.as_mut() {
+        spans.forwarded(hop, forwarding_since);
+    }
     let mut response = match forwarded {
         Forwarded::Answer(resp) => resp,
         Forwarded::Unreachable(unreachable) => {

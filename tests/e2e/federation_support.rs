@@ -171,6 +171,7 @@ impl Member {
             audit: Default::default(),
             runtime: Default::default(),
             paths: Default::default(),
+            telemetry: Default::default(),
         };
         let (_, der) = CheckpointSigner::generate().unwrap();
         Self::boot(dir, db, config, der, spec.options, spec.autostart).await

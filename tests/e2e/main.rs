@@ -23,6 +23,7 @@ mod protocols;
 mod reconnect;
 mod relay;
 mod support;
+mod traces;
 mod traffic;
 mod traffic_cli;
 mod tunnel_attacks;

@@ -200,6 +200,7 @@ impl Cluster {
             audit: Default::default(),
             runtime: Default::default(),
             paths: Default::default(),
+            telemetry: Default::default(),
         };
         let mut config = config;
         adjust(&mut config);
