@@ -338,7 +338,7 @@ impl Gateway {
             limits: config.limits.clone(),
             in_flight: in_flight.clone(),
             traffic: traffic.clone(),
-            mirrors: Arc::new(tokio::sync::Semaphore::new(source::MAX_MIRRORS)),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(crate::traffic::MAX_MIRRORS)),
             telemetry: telemetry.clone(),
         });
         let inbound = Arc::new(Inbound {

@@ -9,13 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_identity::{BundleSet, SpiffeId, TrustDomain};
-use meshgate_policy::TrafficNote;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -30,7 +28,7 @@ use crate::headers;
 use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::respond;
 use crate::telemetry::{self, Spans, Telemetry};
-use crate::traffic::{self, Backend, Pick, Traffic};
+use crate::traffic::{self, Steer, Traffic};
 use crate::upstream::LocalServices;
 
 /// How a workload connection authenticated.
@@ -67,44 +65,6 @@ pub(crate) struct Source {
     pub mirrors: Arc<Semaphore>,
     /// Span export, when traces are on.
     pub telemetry: Option<Arc<Telemetry>>,
-}
-
-/// Mirror copies in flight at most, per gateway.
-pub(crate) const MAX_MIRRORS: usize = 256;
-/// The largest request body copied to a mirror (it is read whole before forwarding).
-const MIRROR_BODY_MAX: u64 = 64 * 1024;
-
-/// Where a request goes, and what its traffic route (if one takes it) does to it.
-struct Steer {
-    target: Result<Target, Unfit>,
-    /// The route and the backend it chose (its label, the cluster of the target otherwise).
-    route: Option<(Arc<traffic::Route>, String)>,
-    /// The subset to ask the destination's gateway for.
-    subset: Option<traffic::Subset>,
-    fault: Option<traffic::Fault>,
-    /// The mirror backend, with the destination, when this request is copied.
-    mirror: Option<(Destination, Backend)>,
-}
-
-impl Steer {
-    fn plain(target: Result<Target, Unfit>) -> Steer {
-        Steer {
-            target,
-            route: None,
-            subset: None,
-            fault: None,
-            mirror: None,
-        }
-    }
-
-    fn note(&self) -> Option<TrafficNote> {
-        let (route, backend) = self.route.as_ref()?;
-        Some(TrafficNote {
-            route: Some(route.name.clone()),
-            backend: Some(backend.clone()),
-            ..TrafficNote::default()
-        })
-    }
 }
 
 /// Serves the mTLS workload listener.
@@ -504,23 +464,8 @@ async fn exchange(
     (response, labels, routed)
 }
 
-fn unknown(why: String) -> Unfit {
+pub(crate) fn unknown(why: String) -> Unfit {
     Unfit::new(StatusCode::NOT_FOUND, "unknown_destination", why)
-}
-
-/// A copy of a request head (method, target, version, headers; no extensions).
-fn clone_head(head: &http::request::Parts) -> http::request::Parts {
-    let mut builder = Request::builder()
-        .method(head.method.clone())
-        .uri(head.uri.clone())
-        .version(head.version);
-    if let Some(h) = builder.headers_mut() {
-        *h = head.headers.clone();
-    }
-    builder
-        .body(())
-        .map(|r| r.into_parts().0)
-        .unwrap_or_else(|_| Request::new(()).into_parts().0)
 }
 
 fn bearer_token(headers: &http::HeaderMap) -> Option<String> {
@@ -577,237 +522,9 @@ impl Source {
         }
     }
 
-    /// Where a request goes, and what a traffic route that takes it does to it.
-    fn steer(
-        &self,
-        authority: Option<&str>,
-        head: &http::request::Parts,
-        caller: Option<&Caller>,
-    ) -> Steer {
-        let dest = match self.resolver.resolve(authority) {
-            Ok(d) => d,
-            Err(e) => return Steer::plain(Err(unknown(e.to_string()))),
-        };
-        let table = self.traffic.table();
-        let Some(route) = table.route_for(&dest, head).cloned() else {
-            return Steer::plain(self.target(&dest));
-        };
-        let mut rng = rand::rng();
-        let (target, backend) = match route.pick(&mut rng, |b| self.serves(&dest, b)) {
-            Pick::Unrouted => (self.target(&dest), None),
-            Pick::Backend(b) => (self.backend_target(&dest, b), Some(b)),
-            Pick::NoneAvailable => (
-                Err(Unfit::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "error",
-                    format!(
-                        "route `{}`: no backend of `{dest}` can serve now (each is drained, not linked, or lacks the subset)",
-                        route.name
-                    ),
-                )),
-                None,
-            ),
-        };
-        let label = match (backend, &target) {
-            (Some(b), _) => b.label.clone(),
-            (None, Ok(Target::Local(_))) => self.cluster.clone(),
-            (None, Ok(Target::Remote { routes, .. })) => routes
-                .first()
-                .map_or_else(String::new, |r| r.cluster.clone()),
-            (None, Err(_)) => String::from("none"),
-        };
-        let subset = backend
-            .filter(|b| b.cluster != self.cluster && !b.subset.is_empty())
-            .map(|b| b.subset.clone());
-        let fault = caller
-            .and_then(|c| route.fault(&c.id, &head.headers, &mut rng))
-            .cloned();
-        let mirror = route.mirror(&mut rng).map(|b| (dest.clone(), b.clone()));
-        Steer {
-            target,
-            route: Some((route, label)),
-            subset,
-            fault,
-            mirror,
-        }
-    }
-
-    /// Backends of `table` that cannot serve now (warnings at start and reload).
-    pub(crate) fn route_warnings(&self, table: &traffic::RouteTable) -> Vec<String> {
-        let mut warnings = Vec::new();
-        for route in table.routes() {
-            let dest = route.destination();
-            for backend in route.destinations() {
-                if !self.serves(&dest, backend) {
-                    warnings.push(format!(
-                        "route `{}`: backend `{}` cannot serve `{}` now (not this cluster's, not linked, or without the subset); it is skipped until it can",
-                        route.name,
-                        backend.label,
-                        route.service()
-                    ));
-                }
-            }
-        }
-        warnings
-    }
-
-    /// Whether `backend` can serve `dest` now: a local service (with the subset), or a peer
-    /// cluster the catalog routes the service to.
-    fn serves(&self, dest: &Destination, backend: &Backend) -> bool {
-        if backend.cluster == self.cluster {
-            return self
-                .services
-                .get(&dest.short())
-                .is_some_and(|s| s.subset(&backend.subset).is_some());
-        }
-        let pinned = Destination {
-            cluster: Some(backend.cluster.clone()),
-            ..dest.clone()
-        };
-        self.catalog
-            .routes(&pinned)
-            .iter()
-            .any(|r| matches!(r, Route::Peer(_)))
-    }
-
-    /// The target of one backend of a route: the local service's subset, or `dest` pinned to
-    /// the backend's cluster (its gateway picks the subset).
-    fn backend_target(&self, dest: &Destination, backend: &Backend) -> Result<Target, Unfit> {
-        if backend.cluster == self.cluster {
-            return self
-                .services
-                .get(&dest.short())
-                .and_then(|s| s.subset(&backend.subset))
-                .map(Target::Local)
-                .ok_or_else(|| {
-                    unknown(format!(
-                        "`{dest}` has no subset `{}` in cluster `{}`",
-                        backend.subset, self.cluster
-                    ))
-                });
-        }
-        let pinned = Destination {
-            cluster: Some(backend.cluster.clone()),
-            ..dest.clone()
-        };
-        self.target(&pinned)
-    }
-
-    /// Reads a request body a mirror copy needs (up to [`MIRROR_BODY_MAX`]): the body for
-    /// the request, and the copy's bytes (`None`: too large to copy, sent uncopied).
-    async fn tee(
-        &self,
-        route: &str,
-        head: &http::request::Parts,
-        body: Incoming,
-    ) -> Result<(GatewayBody, Option<Bytes>), Response<GatewayBody>> {
-        if hyper::body::Body::is_end_stream(&body) {
-            return Ok((body::empty(), Some(Bytes::new())));
-        }
-        let length = head
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if length.is_none_or(|n| n > MIRROR_BODY_MAX) {
-            self.metrics.route_mirror(route, "", "skipped_body");
-            return Ok((body.map_err(Into::into).boxed(), None));
-        }
-        match http_body_util::Limited::new(body, MIRROR_BODY_MAX as usize)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                Ok((body::full(bytes.clone()), Some(bytes)))
-            }
-            Err(e) => Err(respond::error(
-                StatusCode::BAD_REQUEST,
-                &format!("meshgate: the request body could not be read: {e}"),
-            )),
-        }
-    }
-
-    /// Sends a copy of an admitted request to a mirror backend, in a task of its own: it is
-    /// admitted and recorded (marked as a mirror) where it lands, its answer is dropped, and
-    /// the caller never waits for it. Past [`MAX_MIRRORS`] copies in flight, it is skipped.
-    fn mirror(
-        self: &Arc<Self>,
-        route: &str,
-        caller: Caller,
-        head: &http::request::Parts,
-        copy: Bytes,
-        dest: Destination,
-        backend: Backend,
-    ) {
-        let Ok(slot) = self.mirrors.clone().try_acquire_owned() else {
-            self.metrics
-                .route_mirror(route, &backend.label, "skipped_busy");
-            return;
-        };
-        let mut head = clone_head(head);
-        let ctx = self.clone();
-        let route = route.to_owned();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut meta = RequestMeta::new(&mut head.headers);
-            meta.traffic = Some(TrafficNote {
-                route: Some(route.clone()),
-                backend: Some(backend.label.clone()),
-                mirror: true,
-                ..TrafficNote::default()
-            });
-            let ask = Ask {
-                meta: &meta,
-                hop: Hop::Workload,
-                head: &head,
-                authority: None,
-                caller: Ok(caller),
-                target: ctx.backend_target(&dest, &backend),
-                fault: None,
-            };
-            let decided = ctx.admission.admit(ask, Now::current());
-            let permit = match ctx.admission.record(decided).await {
-                Ok(permit) => permit,
-                Err(refusal) => {
-                    ctx.metrics
-                        .route_mirror(&route, &backend.label, refusal.label);
-                    return;
-                }
-            };
-            if let Target::Remote { .. } = permit.target() {
-                head.headers
-                    .insert(traffic::MIRROR_HEADER, HeaderValue::from_static("1"));
-                if !backend.subset.is_empty()
-                    && let Ok(v) = HeaderValue::from_str(&backend.subset.to_string())
-                {
-                    head.headers.insert(traffic::SUBSET_HEADER, v);
-                }
-            }
-            let outcome = match ctx
-                .forwarder
-                .forward(permit, head, body::full(copy), Tries::Once)
-                .await
-            {
-                Forwarded::Answer(resp) => {
-                    // Read to the end so the connection is reused; the bytes are dropped.
-                    let status = resp.status();
-                    let _ = resp.into_body().collect().await;
-                    match status.as_u16() {
-                        400..=499 => "refused",
-                        500.. => "failed",
-                        _ => "sent",
-                    }
-                }
-                Forwarded::Unreachable(_) => "unreachable",
-            };
-            ctx.metrics.route_mirror(&route, &backend.label, outcome);
-        });
-    }
-
     /// Where a request goes without a route: this cluster's service when it has one, else
     /// the peer clusters that serve it, best first.
-    fn target(&self, dest: &Destination) -> Result<Target, Unfit> {
+    pub(crate) fn target(&self, dest: &Destination) -> Result<Target, Unfit> {
         let dest = dest.clone();
         let routes = self.catalog.routes(&dest);
         if routes.iter().any(|r| matches!(r, Route::Local)) {

@@ -9,6 +9,7 @@
 //! Faults are applied after admission and recorded as `fault` decisions.
 
 pub mod config;
+mod steer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -22,6 +23,8 @@ use rand::Rng;
 
 use self::config::{BackendConfig, FaultConfig, HeaderMatch, RetryConfig, RouteConfig};
 use crate::dest::{Destination, Resolver};
+
+pub(crate) use steer::{MAX_MIRRORS, Steer};
 
 /// Header between gateways: the subset of the destination service a request is for.
 pub(crate) const SUBSET_HEADER: &str = "x-meshgate-subset";
