@@ -244,7 +244,9 @@ pub struct ServiceConfig {
     /// Per-try timeout of a request to this service.
     #[serde(default = "default_timeout", deserialize_with = "de_duration")]
     pub timeout: Duration,
-    /// Retries for idempotent requests without a body that enter the mesh here.
+    /// Retries for idempotent requests without a body that enter the mesh here: on 502–504,
+    /// a failed connection or a broken stream, not on a timeout (a traffic route's `retry`
+    /// can say otherwise).
     #[serde(default = "default_retries")]
     pub retries: u32,
     /// What the service speaks: `http` (the default; `CONNECT` to it is refused, so every

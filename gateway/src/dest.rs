@@ -142,7 +142,7 @@ fn parse_labels(name: &str) -> Option<Destination> {
 }
 
 /// DNS label rules (RFC 1123): 1–63 of `a-z0-9-`, not starting or ending with `-`.
-fn valid_label(label: &str) -> bool {
+pub(crate) fn valid_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= 63
         && label

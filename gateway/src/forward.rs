@@ -12,6 +12,7 @@
 //! gateway, or a stale connection that could not open a stream) goes to the next gateway or
 //! cluster at once, any method, outside the budget.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,17 @@ pub(crate) enum Tries<'a> {
     Route(&'a RetryPolicy),
 }
 
+impl<'a> Tries<'a> {
+    /// The policy: a route's, or the standard one with `retries` (none for `Once`).
+    fn policy(self, retries: u32) -> Cow<'a, RetryPolicy> {
+        match self {
+            Tries::Once => Cow::Owned(RetryPolicy::standard(0)),
+            Tries::Standard => Cow::Owned(RetryPolicy::standard(retries)),
+            Tries::Route(p) => Cow::Borrowed(p),
+        }
+    }
+}
+
 /// Whether a failed upstream try is tried again under `policy`.
 fn retries_error(policy: &RetryPolicy, e: &UpstreamError) -> bool {
     match e {
@@ -141,35 +153,13 @@ impl Forwarder {
         let forwarded = match permit.target() {
             Target::Local(svc) => {
                 let svc = svc.clone();
-                let standard;
-                let policy = match tries {
-                    Tries::Once => {
-                        standard = RetryPolicy::standard(0);
-                        &standard
-                    }
-                    Tries::Standard => {
-                        standard = RetryPolicy::standard(svc.retries());
-                        &standard
-                    }
-                    Tries::Route(p) => p,
-                };
-                Forwarded::Answer(self.local(&permit, &svc, head, body, policy).await)
+                let policy = tries.policy(svc.retries());
+                Forwarded::Answer(self.local(&permit, &svc, head, body, &policy).await)
             }
             Target::Remote { dest, routes } => {
                 let (dest, routes) = (dest.clone(), routes.clone());
-                let standard;
-                let policy = match tries {
-                    Tries::Once => {
-                        standard = RetryPolicy::standard(0);
-                        &standard
-                    }
-                    Tries::Standard => {
-                        standard = RetryPolicy::standard(self.remote_retries);
-                        &standard
-                    }
-                    Tries::Route(p) => p,
-                };
-                self.remote(permit, &dest, &routes, head, body, policy)
+                let policy = tries.policy(self.remote_retries);
+                self.remote(permit, &dest, &routes, head, body, &policy)
                     .await
             }
         };
@@ -210,7 +200,10 @@ impl Forwarder {
         };
         let resend = resendable(&head.method, &body);
         let budget = self.budget(svc.name());
-        budget.deposit();
+        // Only requests that can be retried fill the budget (not mirror copies, not a peer's).
+        if policy.attempts > 1 {
+            budget.deposit();
+        }
         let mut body = Some(body);
         let mut failed = Vec::new();
         let timeout = policy.per_try_timeout.unwrap_or_else(|| svc.timeout());
@@ -265,7 +258,10 @@ impl Forwarder {
             .collect();
         let resend = resendable(&head.method, &body);
         let budget = self.budget(&dest.to_string());
-        budget.deposit();
+        // Only requests that can be retried fill the budget (not mirror copies, not a peer's).
+        if policy.attempts > 1 {
+            budget.deposit();
+        }
         let mut body = Some(body);
         let mut last = String::from("no gateway serves it");
         let mut next = 0usize;

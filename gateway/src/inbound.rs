@@ -259,21 +259,21 @@ async fn exchange(
         target,
         fault: None,
     };
-    let admitting = std::time::Instant::now();
+    let admitting = spans.as_ref().map(|_| std::time::Instant::now());
     let decided = ctx.admission.admit(ask, now);
     lap(Stage::Admit);
     let recorded = ctx.admission.record(decided).await;
     lap(Stage::Record);
-    if let Some(spans) = spans.as_mut() {
+    if let (Some(spans), Some(admitting)) = (spans.as_mut(), admitting) {
         spans.admitted(admitting);
     }
     let mut response = match recorded {
         Ok(permit) => {
             let id = permit.decision_id().to_owned();
-            let forwarding = std::time::Instant::now();
+            let forwarding = spans.as_ref().map(|_| std::time::Instant::now());
             let forwarded = ctx.forwarder.forward(permit, head, body, Tries::Once).await;
-            if let Some(spans) = spans.as_mut() {
-                spans.forwarded(telemetry::Hop::Upstream, forwarding);
+            if let (Some(spans), Some(since)) = (spans.as_mut(), forwarding) {
+                spans.forwarded(telemetry::Hop::Upstream, since);
             }
             let mut resp = match forwarded {
                 Forwarded::Answer(resp) => resp,

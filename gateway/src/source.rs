@@ -308,9 +308,10 @@ async fn exchange(
     let bearer = bearer_token(&head.headers);
     // Identity headers never pass the source gateway.
     headers::strip_meshgate(&mut head.headers);
+    // Traces first: a trace the caller did not start is started (and sampled) there.
+    *spans = ctx.telemetry.as_ref().map(|t| t.begin(&mut head.headers));
     let mut meta = RequestMeta::new(&mut head.headers);
     meta.source = Some(remote.ip());
-    *spans = ctx.telemetry.as_ref().map(|t| t.begin(&mut head.headers));
     let mut clock = Instant::now();
     let mut lap = |stage| {
         let t = Instant::now();
@@ -356,12 +357,12 @@ async fn exchange(
         target,
         fault: fault.as_ref(),
     };
-    let admitting = Instant::now();
+    let admitting = spans.as_ref().map(|_| Instant::now());
     let decided = ctx.admission.admit(ask, now);
     lap(Stage::Admit);
     let recorded = ctx.admission.record(decided).await;
     lap(Stage::Record);
-    if let Some(spans) = spans.as_mut() {
+    if let (Some(spans), Some(admitting)) = (spans.as_mut(), admitting) {
         spans.admitted(admitting);
     }
     let permit = match recorded {
@@ -386,22 +387,27 @@ async fn exchange(
             let (tx, rx) = body::channel();
             (rx, Some((upgrade, tx)))
         }
-        None => match mirror {
-            Some((dest, backend)) => {
-                let route = routed.as_ref().map_or("", |(r, _)| r.as_str());
-                match ctx.tee(route, &head, body).await {
-                    Ok((body, Some(copy))) => {
-                        let caller = permit.caller().clone();
-                        ctx.mirror(route, caller, &head, copy, dest, backend);
-                        (body, None)
-                    }
-                    Ok((body, None)) => (body, None),
-                    Err(resp) => {
-                        labels.status = resp.status().as_u16();
-                        return (resp, labels, routed);
-                    }
+        None => match mirror.and_then(|(dest, backend)| {
+            let route = routed.as_ref().map_or("", |(r, _)| r.as_str());
+            let slot = ctx.mirror_slot(route, &backend)?;
+            Some((route, slot, dest, backend))
+        }) {
+            Some((route, slot, dest, backend)) => match ctx.tee(route, &backend, &head, body).await
+            {
+                Ok((body, Some(copy))) => {
+                    let caller = permit.caller().clone();
+                    ctx.mirror(slot, route, caller, &head, copy, dest, backend);
+                    (body, None)
                 }
-            }
+                Ok((body, None)) => (body, None),
+                Err(mut resp) => {
+                    if let Target::Local(_) = permit.target() {
+                        respond::set_decision_id(&mut resp, permit.decision_id());
+                    }
+                    labels.status = resp.status().as_u16();
+                    return (resp, labels, routed);
+                }
+            },
             None => (body.map_err(Into::into).boxed(), None),
         },
     };
@@ -416,7 +422,7 @@ async fn exchange(
         Target::Local(_) => telemetry::Hop::Upstream,
         Target::Remote { .. } => telemetry::Hop::Tunnel,
     };
-    let forwarding_since = Instant::now();
+    let forwarding_since = spans.as_ref().map(|_| Instant::now());
     let forwarding = ctx.forwarder.forward(permit, head, body, tries);
     let forwarded = match route.and_then(|r| r.timeout.map(|t| (r, t))) {
         Some((r, limit)) => match tokio::time::timeout(limit, forwarding).await {
@@ -431,8 +437,8 @@ async fn exchange(
         },
         None => forwarding.await,
     };
-    if let Some(spans) = spans.as_mut() {
-        spans.forwarded(hop, forwarding_since);
+    if let (Some(spans), Some(since)) = (spans.as_mut(), forwarding_since) {
+        spans.forwarded(hop, since);
     }
     let mut response = match forwarded {
         Forwarded::Answer(resp) => resp,
@@ -524,8 +530,7 @@ impl Source {
 
     /// Where a request goes without a route: this cluster's service when it has one, else
     /// the peer clusters that serve it, best first.
-    pub(crate) fn target(&self, dest: &Destination) -> Result<Target, Unfit> {
-        let dest = dest.clone();
+    pub(crate) fn target(&self, dest: Destination) -> Result<Target, Unfit> {
         let routes = self.catalog.routes(&dest);
         if routes.iter().any(|r| matches!(r, Route::Local)) {
             return match self.services.get(&dest.short()) {

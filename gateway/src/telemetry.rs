@@ -19,15 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
-    Tracer as _, TracerProvider as _,
+    SamplingDecision, Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags,
+    TraceId, TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HttpClient, HttpError};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, ShouldSample,
 };
 
 use crate::config::TelemetrySettings;
@@ -37,11 +37,16 @@ const TRACEPARENT: &str = "traceparent";
 const MAX_QUEUED_SPANS: usize = 16_384;
 /// The longest one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a stopping gateway waits for its last spans to leave.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// The span exporter of one gateway.
 pub(crate) struct Telemetry {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    /// Decides, for a trace this gateway starts, whether it is kept (the SDK's sampler, so
+    /// the flag sent on agrees with the spans made).
+    sampler: Sampler,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -161,11 +166,11 @@ impl Telemetry {
             .service_name
             .clone()
             .unwrap_or_else(|| format!("meshgate-{cluster}"));
+        let sampler =
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                settings.sample_ratio,
-            ))))
+            .with_sampler(sampler.clone())
             .with_resource(
                 Resource::builder()
                     .with_service_name(name)
@@ -175,17 +180,43 @@ impl Telemetry {
             )
             .build();
         let tracer = provider.tracer("meshgate");
-        Ok(Some(Arc::new(Telemetry { provider, tracer })))
+        Ok(Some(Arc::new(Telemetry {
+            provider,
+            tracer,
+            sampler,
+        })))
     }
 
-    /// Starts the spans of a request whose `traceparent` is already valid (the gateway
-    /// ensured it), and points that header at this gateway's hop span for the next hop.
+    /// Starts the spans of a request: it continues the caller's trace (a valid
+    /// `traceparent`), or starts one, kept or not as the sampler says; then points the header
+    /// at this gateway's hop span, with the sampled flag, for the next hop. Runs before the
+    /// gateway would make up a `traceparent` of its own.
     pub(crate) fn begin(&self, headers: &mut HeaderMap) -> Spans {
         let (trace_id, parent, flags) = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse)
-            .unwrap_or_else(|| (random_trace_id(), SpanId::INVALID, TraceFlags::SAMPLED));
+            .unwrap_or_else(|| {
+                let trace_id = random_trace_id();
+                let kept = self
+                    .sampler
+                    .should_sample(
+                        None,
+                        trace_id,
+                        "meshgate source",
+                        &SpanKind::Server,
+                        &[],
+                        &[],
+                    )
+                    .decision
+                    == SamplingDecision::RecordAndSample;
+                let flags = if kept {
+                    TraceFlags::SAMPLED
+                } else {
+                    TraceFlags::default()
+                };
+                (trace_id, SpanId::INVALID, flags)
+            });
         let own = random_span_id();
         let hop = random_span_id();
         let value = format!("00-{trace_id}-{hop}-{:02x}", flags.to_u8());
@@ -262,14 +293,28 @@ impl Telemetry {
         server.end_with_timestamp(end);
     }
 
-    /// Exports what is queued and stops the exporter (at gateway shutdown).
+    /// Exports what is queued and stops the exporter (at gateway shutdown), waiting at most
+    /// [`SHUTDOWN_WAIT`] for a collector that does not answer.
     pub(crate) async fn shutdown(self: Arc<Self>) {
         let provider = self.provider.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = provider.force_flush();
-            let _ = provider.shutdown();
-        })
-        .await;
+        let stopping = tokio::task::spawn_blocking(move || provider.shutdown());
+        if tokio::time::timeout(SHUTDOWN_WAIT, stopping).await.is_err() {
+            tracing::warn!("the trace collector did not take the last spans in time");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    /// The SDK's provider blocks its dropping thread until the exporter stops, and the
+    /// exporter's requests run on the gateway's runtime: stop it on a thread of its own, so
+    /// no runtime thread waits on itself.
+    fn drop(&mut self) {
+        let provider = self.provider.clone();
+        let _ = std::thread::Builder::new()
+            .name("meshgate-traces-stop".into())
+            .spawn(move || {
+                let _ = provider.shutdown();
+            });
     }
 }
 
@@ -327,6 +372,32 @@ mod tests {
         );
         assert_eq!(spans.parent.to_string(), "00f067aa0ba902b7");
         assert_ne!(spans.own, spans.hop);
+    }
+
+    #[test]
+    fn a_trace_the_caller_did_not_start_is_a_root_sampled_by_the_ratio() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        for (ratio, flags) in [(1.0, "01"), (0.0, "00")] {
+            let settings = TelemetrySettings {
+                otlp_endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
+                sample_ratio: ratio,
+                ..Default::default()
+            };
+            let t = Telemetry::start(&settings, "east", "gw").unwrap().unwrap();
+            let mut h = HeaderMap::new();
+            let spans = t.begin(&mut h);
+            assert_eq!(spans.parent, SpanId::INVALID, "a root span");
+            let sent = h.get(TRACEPARENT).unwrap().to_str().unwrap().to_owned();
+            assert_eq!(
+                sent,
+                format!("00-{}-{}-{flags}", spans.trace_id, spans.hop),
+                "ratio {ratio}"
+            );
+        }
     }
 
     #[test]

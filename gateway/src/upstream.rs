@@ -160,13 +160,7 @@ impl LocalService {
             if subset.labels.is_empty() || subset.endpoints.is_empty() {
                 return Err(bad("give it `labels` and `endpoints`".to_owned()));
             }
-            let text = subset
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            crate::traffic::Subset::parse(&text).map_err(bad)?;
+            crate::traffic::Subset::from_labels(&subset.labels).map_err(bad)?;
             let mut labels = config.labels.clone();
             labels.extend(subset.labels.clone());
             let derived = ServiceConfig {
@@ -254,17 +248,16 @@ impl LocalService {
         })
     }
 
-    /// The endpoints of `subset`: the first subset carrying its labels, else the service
-    /// itself if its own labels do; an empty subset is the service.
+    /// The endpoints of `subset`: the service itself when its own labels carry the subset's
+    /// (an empty subset is the service), else the first subset that does.
     pub(crate) fn subset(self: &Arc<Self>, subset: &crate::traffic::Subset) -> Option<Arc<Self>> {
-        if subset.is_empty() {
+        if subset.matches(&self.labels) {
             return Some(self.clone());
         }
         self.subsets
             .iter()
             .find(|s| subset.matches(&s.labels))
             .cloned()
-            .or_else(|| subset.matches(&self.labels).then(|| self.clone()))
     }
 
     /// `service.namespace`.

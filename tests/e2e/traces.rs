@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -148,15 +149,15 @@ async fn spans_of_a_cross_cluster_call_form_one_tree_under_the_callers_trace() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let decision_id = reply.decision_id();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let spans = loop {
-        let spans = received.lock().unwrap().clone();
-        if spans.iter().filter(|s| s.trace_id == trace).count() >= 5 {
-            break spans;
-        }
-        assert!(Instant::now() < deadline, "spans not exported: {spans:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let names = [
+        ("meshgate-east", "meshgate source"),
+        ("meshgate-east", "meshgate tunnel"),
+        ("meshgate-east", "meshgate admission"),
+        ("meshgate-west", "meshgate destination"),
+        ("meshgate-west", "meshgate admission"),
+        ("meshgate-west", "meshgate upstream"),
+    ];
+    let spans = wait_spans(&received, trace, &names).await;
     let find = |service: &str, name: &str| {
         spans
             .iter()
@@ -186,4 +187,51 @@ async fn spans_of_a_cross_cluster_call_form_one_tree_under_the_callers_trace() {
     let echoed = reply.json();
     let sent = echoed["headers"]["traceparent"].as_str().unwrap();
     assert_eq!(sent, format!("00-{trace}-{}-01", upstream_span.span_id));
+
+    // A caller that sends no `traceparent`: east starts the trace, its source span is a root.
+    let reply = web
+        .get("orders.shop.west.mesh", "/v1/orders/2")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    let record = find_record(&west.log, &reply.decision_id()).unwrap();
+    let started = record.trace_id.unwrap();
+    let spans = wait_spans(&received, &started, &names).await;
+    let root = spans
+        .iter()
+        .find(|s| s.trace_id == started && s.name == "meshgate source")
+        .unwrap();
+    assert_eq!(
+        root.parent, "",
+        "the gateway's own trace starts at its source span"
+    );
+    let tunnel = spans
+        .iter()
+        .find(|s| s.trace_id == started && s.name == "meshgate tunnel")
+        .unwrap();
+    assert!(spans.iter().any(|s| s.trace_id == started
+        && s.name == "meshgate destination"
+        && s.parent == tunnel.span_id));
+}
+
+/// Waits until every `(service, name)` span of `trace` has arrived.
+async fn wait_spans(
+    received: &Mutex<Vec<Received>>,
+    trace: &str,
+    names: &[(&str, &str)],
+) -> Vec<Received> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let spans = received.lock().unwrap().clone();
+        let all = names.iter().all(|(service, name)| {
+            spans
+                .iter()
+                .any(|s| s.trace_id == trace && s.service == *service && s.name == *name)
+        });
+        if all {
+            return spans;
+        }
+        assert!(Instant::now() < deadline, "spans not exported: {spans:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -42,6 +42,8 @@ fn permit(who: &[&str], service: &str) -> String {
 struct Seen {
     path: String,
     caller: String,
+    /// Names of `x-meshgate-*` headers other than the caller (none may arrive).
+    meshgate: Vec<String>,
 }
 
 /// An upstream that answers its tag (or status N for `/status/N`), keeps what reached it,
@@ -75,9 +77,18 @@ impl Upstream {
                                 .get("x-meshgate-caller")
                                 .map(|v| v.to_str().unwrap().to_owned())
                                 .unwrap_or_default();
+                            let meshgate = req
+                                .headers()
+                                .keys()
+                                .map(|k| k.as_str().to_owned())
+                                .filter(|k| {
+                                    k.starts_with("x-meshgate-") && k != "x-meshgate-caller"
+                                })
+                                .collect();
                             seen.lock().unwrap().push(Seen {
                                 path: path.clone(),
                                 caller,
+                                meshgate,
                             });
                             let _ = gate.wait_for(|open| *open).await;
                             let status = path
@@ -103,6 +114,13 @@ impl Upstream {
 
     fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// No request reached this upstream with a gateway-to-gateway header.
+    fn assert_clean(&self) {
+        for seen in self.seen.lock().unwrap().iter() {
+            assert!(seen.meshgate.is_empty(), "{seen:?}");
+        }
     }
 }
 
@@ -359,6 +377,36 @@ mirror = { cluster = "north", subset = { version = "v2" }, percent = 100 }
     })
     .await;
     assert_eq!(mesh.north_v2.count(), 1);
+
+    // The copy carries nothing of the original's route: the original goes to north's v2
+    // subset, the copy to west, which has no subsets and serves it whole.
+    mesh.routes(
+        r#"
+[[routes]]
+name = "orders-mirror"
+service = "orders.shop"
+backends = [{ cluster = "north", subset = { version = "v2" } }]
+mirror = { cluster = "west", percent = 100 }
+"#,
+    );
+    let reply = mesh
+        .client(WEB)
+        .get("orders.shop.mesh", "/v1/orders/9")
+        .await
+        .unwrap();
+    assert_eq!(reply.text(), "north-v2");
+    wait_until("the copy served by west", || {
+        mesh.west_orders
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.path == "/v1/orders/9")
+    })
+    .await;
+    for upstream in [&mesh.west_orders, &mesh.north_v1, &mesh.north_v2] {
+        upstream.assert_clean();
+    }
     wait_until("mirror outcomes on /metrics", || {
         let text = metrics(&mesh.east);
         text.contains("meshgate_route_mirrors_total{route=\"orders-mirror\",backend=\"north/version=v2\",outcome=\"sent\"} 1")
@@ -509,7 +557,7 @@ retry = { attempts = 5, on = ["5xx"] }
 name = "orders-timeout"
 service = "orders.shop"
 backends = [{ cluster = "north" }]
-retry = { attempts = 2, per_try_timeout = "200ms", on = ["timeout"] }
+retry = { attempts = 2, per_try_timeout = "2s", on = ["timeout"] }
 "#,
     );
     mesh.north_v1.gate.send_replace(false);
@@ -520,7 +568,7 @@ retry = { attempts = 2, per_try_timeout = "200ms", on = ["timeout"] }
         "{}",
         reply.text()
     );
-    assert!(reply.text().contains("within 200ms"), "{}", reply.text());
+    assert!(reply.text().contains("within 2s"), "{}", reply.text());
     wait_until("both tries at north", || mesh.north_v1.count() == 2).await;
     mesh.north_v1.gate.send_replace(true);
 }
@@ -556,4 +604,29 @@ backends = [{ cluster = "west", weight = 0 }]
     let reply = mesh.client(WEB).get("orders.shop.mesh", "/").await.unwrap();
     assert_eq!(reply.text(), "north-v1", "the old routes still serve");
     assert_eq!(mesh.east.gateway.routes().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_cannot_pick_a_subset_or_mark_a_mirror_itself() {
+    let mesh = Mesh::start().await;
+    let req = Request::get("/v1/orders")
+        .header("host", "orders.shop.north.mesh")
+        .header("x-meshgate-subset", "version=v2")
+        .header("x-meshgate-mirror", "1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = mesh.client(WEB).send(req).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.text(),
+        "north-v1",
+        "the headers were dropped at the source"
+    );
+    let r = crate::support::find_record(&mesh.north.log, &reply.decision_id()).unwrap();
+    assert_eq!(
+        r.traffic, None,
+        "no subset and no mirror mark in north's record"
+    );
+    mesh.north_v1.assert_clean();
+    assert_eq!(mesh.north_v2.count(), 0);
 }

@@ -54,14 +54,25 @@ impl Subset {
         self.0.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 
+    /// A subset from labels, each checked.
+    pub(crate) fn from_labels(labels: &BTreeMap<String, String>) -> Result<Subset, String> {
+        for (k, v) in labels {
+            check_label(k, v)?;
+        }
+        Ok(Subset(labels.clone()))
+    }
+
     /// Parses `k=v,k2=v2` (the form of [`SUBSET_HEADER`]).
     pub(crate) fn parse(text: &str) -> Result<Subset, String> {
         let mut labels = BTreeMap::new();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let shown: String = text.chars().take(128).collect();
             let (k, v) = pair
                 .split_once('=')
-                .ok_or_else(|| format!("subset `{text}`: `{pair}` is not `label=value`"))?;
-            check_label(k.trim(), v.trim()).map_err(|e| format!("subset `{text}`: {e}"))?;
+                .ok_or_else(|| format!("subset `{shown}`: a pair is not `label=value`"))?;
+            check_label(k.trim(), v.trim()).map_err(|_| {
+                format!("subset `{shown}`: labels and values are 1–63 of `A-Za-z0-9-_.`")
+            })?;
             labels.insert(k.trim().to_owned(), v.trim().to_owned());
         }
         Ok(Subset(labels))
@@ -161,16 +172,13 @@ pub(crate) struct Fault {
 }
 
 impl Fault {
-    /// `delay 200ms`, `abort 503`, or both: what the record says was injected.
+    /// `delay 200ms` or `abort 503`: what the record says was injected.
     pub(crate) fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(d) = self.delay {
-            parts.push(format!("delay {}", humane(d)));
+        match (self.abort, self.delay) {
+            (Some(s), _) => format!("abort {}", s.as_u16()),
+            (None, Some(d)) => format!("delay {}", humane(d)),
+            (None, None) => String::new(),
         }
-        if let Some(s) = self.abort {
-            parts.push(format!("abort {}", s.as_u16()));
-        }
-        parts.join(", ")
     }
 
     fn in_scope(&self, caller: &SpiffeId, headers: &http::HeaderMap) -> bool {
@@ -229,12 +237,17 @@ impl RetryPolicy {
     /// Whether an answer with this status is tried again.
     pub(crate) fn retries_status(&self, status: StatusCode) -> bool {
         let s = status.as_u16();
-        (self.gateway_error && matches!(s, 502..=504))
+        (self.gateway_error && crate::upstream::is_retryable_status(status))
             || (self.server_error && status.is_server_error())
             || self.statuses.contains(&s)
     }
 
-    fn compile(c: &RetryConfig, at: &str, errors: &mut Vec<String>) -> RetryPolicy {
+    fn compile(
+        c: &RetryConfig,
+        route_timeout: Option<Duration>,
+        at: &str,
+        errors: &mut Vec<String>,
+    ) -> RetryPolicy {
         let mut p = RetryPolicy {
             attempts: c.attempts,
             per_try_timeout: c.per_try_timeout,
@@ -271,7 +284,18 @@ impl RetryPolicy {
                 errors.push(format!(
                     "{at}.retry.statuses: {s} is not an error status (400–599)"
                 ));
+            } else if matches!(s, 401 | 403 | 429) {
+                errors.push(format!(
+                    "{at}.retry.statuses: {s} is a refusal by a gateway (identity, policy or quota); trying again cannot change it"
+                ));
             }
+        }
+        if let (Some(per_try), Some(total)) = (c.per_try_timeout, route_timeout)
+            && per_try >= total
+        {
+            errors.push(format!(
+                "{at}.retry.per_try_timeout: {per_try:?} leaves no time for a second try within the route's timeout of {total:?}"
+            ));
         }
         p
     }
@@ -293,13 +317,13 @@ pub(crate) struct Route {
     pub retry: Option<RetryPolicy>,
 }
 
-/// The backend a route picked for one request.
+/// The backend a route picked for one request, with what serving it takes (`T`).
 #[derive(Debug)]
-pub(crate) enum Pick<'a> {
+pub(crate) enum Pick<'a, T> {
     /// The route names no backends: the name resolves as without a route.
     Unrouted,
     /// This backend.
-    Backend(&'a Backend),
+    Backend(&'a Backend, T),
     /// Every backend is drained or unreachable now.
     NoneAvailable,
 }
@@ -307,7 +331,8 @@ pub(crate) enum Pick<'a> {
 impl Route {
     fn takes(&self, dest: &Destination, head: &http::request::Parts) -> bool {
         dest.cluster.is_none()
-            && dest.short() == self.service
+            && self.service.split_once('.')
+                == Some((dest.service.as_str(), dest.namespace.as_str()))
             && self
                 .path_prefix
                 .as_deref()
@@ -316,33 +341,39 @@ impl Route {
             && self.headers.iter().all(|h| h.matches(&head.headers))
     }
 
-    /// Picks a backend by weight among those `available` says can serve now. A backend of
-    /// weight 0 is never picked (drained), whatever else is unavailable.
-    pub(crate) fn pick(
+    /// Picks a backend by weight among those `serve` can serve now (it returns how). A
+    /// backend of weight 0 is never picked (drained), whatever else is unavailable. Usually
+    /// `serve` runs once: only when the weighted pick cannot serve are the others asked.
+    pub(crate) fn pick<T>(
         &self,
         rng: &mut impl Rng,
-        available: impl Fn(&Backend) -> bool,
-    ) -> Pick<'_> {
+        mut serve: impl FnMut(&Backend) -> Option<T>,
+    ) -> Pick<'_, T> {
         if self.backends.is_empty() {
             return Pick::Unrouted;
         }
-        let live: Vec<&Backend> = self
+        let first = weighted(self.backends.iter(), rng);
+        if let Some(b) = first
+            && let Some(how) = serve(b)
+        {
+            return Pick::Backend(b, how);
+        }
+        let mut live: Vec<(&Backend, T)> = self
             .backends
             .iter()
-            .filter(|b| b.weight > 0 && available(b))
+            .filter(|b| b.weight > 0 && first != Some(*b))
+            .filter_map(|b| serve(b).map(|how| (b, how)))
             .collect();
-        let total: u64 = live.iter().map(|b| u64::from(b.weight)).sum();
-        if total == 0 {
+        let Some(b) = weighted(live.iter().map(|(b, _)| *b), rng) else {
             return Pick::NoneAvailable;
-        }
-        let mut roll = rng.random_range(0..total);
-        for b in live {
-            if roll < u64::from(b.weight) {
-                return Pick::Backend(b);
+        };
+        match live.iter().position(|(l, _)| std::ptr::eq(*l, b)) {
+            Some(i) => {
+                let (b, how) = live.swap_remove(i);
+                Pick::Backend(b, how)
             }
-            roll -= u64::from(b.weight);
+            None => Pick::NoneAvailable,
         }
-        Pick::NoneAvailable
     }
 
     /// The fault this request gets, if any.
@@ -384,6 +415,25 @@ impl Route {
             cluster: None,
         }
     }
+}
+
+/// One of `backends` by weight (weight 0 never), or `None` when all weigh 0.
+fn weighted<'a>(
+    backends: impl Iterator<Item = &'a Backend> + Clone,
+    rng: &mut impl Rng,
+) -> Option<&'a Backend> {
+    let total: u64 = backends.clone().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = rng.random_range(0..total);
+    for b in backends {
+        if roll < u64::from(b.weight) {
+            return Some(b);
+        }
+        roll -= u64::from(b.weight);
+    }
+    None
 }
 
 fn roll(rng: &mut impl Rng, per_million: u32) -> bool {
@@ -494,7 +544,7 @@ fn compile_route(c: &RouteConfig, at: &str, errors: &mut Vec<String>) -> Route {
     let retry = c
         .retry
         .as_ref()
-        .map(|r| RetryPolicy::compile(r, at, errors));
+        .map(|r| RetryPolicy::compile(r, c.timeout, at, errors));
     Route {
         name: c.name.clone(),
         service,
@@ -547,10 +597,14 @@ fn compile_fault(f: &FaultConfig, at: &str, errors: &mut Vec<String>) -> Fault {
             None
         }
     });
-    if f.abort.is_none() && f.delay.is_none() {
-        errors.push(format!(
-            "{at}: give `abort` (a status), `delay` (a duration) or both"
-        ));
+    match (f.abort, f.delay) {
+        (None, None) => errors.push(format!(
+            "{at}: give `abort` (a status) or `delay` (a duration)"
+        )),
+        (Some(_), Some(_)) => errors.push(format!(
+            "{at}: give `abort` or `delay`, not both (two faults can share a scope)"
+        )),
+        _ => {}
     }
     if f.delay.is_some_and(|d| d > MAX_DELAY) {
         errors.push(format!("{at}.delay: longer than {}s", MAX_DELAY.as_secs()));
@@ -610,21 +664,14 @@ fn header_rules(configs: &[HeaderMatch], at: &str, errors: &mut Vec<String>) -> 
 }
 
 fn subset(labels: &BTreeMap<String, String>, at: &str, errors: &mut Vec<String>) -> Subset {
-    for (k, v) in labels {
-        if let Err(e) = check_label(k, v) {
-            errors.push(format!("{at}: {e}"));
-        }
-    }
-    Subset(labels.clone())
+    Subset::from_labels(labels).unwrap_or_else(|e| {
+        errors.push(format!("{at}: {e}"));
+        Subset::default()
+    })
 }
 
 fn check_cluster(cluster: &str, at: &str, errors: &mut Vec<String>) {
-    let ok = !cluster.is_empty()
-        && cluster.len() <= 63
-        && cluster
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
+    if !crate::dest::valid_label(cluster) {
         errors.push(format!("{at}: `{cluster}` is not a cluster name"));
     }
 }

@@ -8,11 +8,11 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meshgate_policy::TrafficNote;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Backend, Fault, MIRROR_HEADER, Pick, Route, RouteTable, SUBSET_HEADER, Subset};
 use crate::admission::{Ask, Caller, Hop, Now, RequestMeta, Target, Unfit};
 use crate::body::{self, GatewayBody};
-use crate::catalog::Route as CatalogRoute;
 use crate::dest::Destination;
 use crate::forward::{Forwarded, Tries};
 use crate::respond;
@@ -22,6 +22,10 @@ use crate::source::{Source, unknown};
 pub(crate) const MAX_MIRRORS: usize = 256;
 /// The largest request body copied to a mirror (it is read whole before forwarding).
 const MIRROR_BODY_MAX: u64 = 64 * 1024;
+/// The most of a mirror's answer read (and dropped) before the stream is dropped.
+const MIRROR_ANSWER_MAX: usize = 1024 * 1024;
+/// The longest a mirror's answer is read.
+const MIRROR_ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where a request goes, and what its traffic route (if one takes it) does to it.
 pub(crate) struct Steer {
@@ -70,12 +74,12 @@ impl Source {
         };
         let table = self.traffic.table();
         let Some(route) = table.route_for(&dest, head).cloned() else {
-            return Steer::plain(self.target(&dest));
+            return Steer::plain(self.target(dest));
         };
         let mut rng = rand::rng();
-        let (target, backend) = match route.pick(&mut rng, |b| self.serves(&dest, b)) {
-            Pick::Unrouted => (self.target(&dest), None),
-            Pick::Backend(b) => (self.backend_target(&dest, b), Some(b)),
+        let (target, backend) = match route.pick(&mut rng, |b| self.backend_target(&dest, b).ok()) {
+            Pick::Unrouted => (self.target(dest.clone()), None),
+            Pick::Backend(b, target) => (Ok(target), Some(b)),
             Pick::NoneAvailable => (
                 Err(Unfit::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -118,7 +122,7 @@ impl Source {
         for route in table.routes() {
             let dest = route.destination();
             for backend in route.destinations() {
-                if !self.serves(&dest, backend) {
+                if self.backend_target(&dest, backend).is_err() {
                     warnings.push(format!(
                         "route `{}`: backend `{}` cannot serve `{}` now (not this cluster's, not linked, or without the subset); it is skipped until it can",
                         route.name,
@@ -129,25 +133,6 @@ impl Source {
             }
         }
         warnings
-    }
-
-    /// Whether `backend` can serve `dest` now: a local service (with the subset), or a peer
-    /// cluster the catalog routes the service to.
-    fn serves(&self, dest: &Destination, backend: &Backend) -> bool {
-        if backend.cluster == self.cluster {
-            return self
-                .services
-                .get(&dest.short())
-                .is_some_and(|s| s.subset(&backend.subset).is_some());
-        }
-        let pinned = Destination {
-            cluster: Some(backend.cluster.clone()),
-            ..dest.clone()
-        };
-        self.catalog
-            .routes(&pinned)
-            .iter()
-            .any(|r| matches!(r, CatalogRoute::Peer(_)))
     }
 
     /// The target of one backend of a route: the local service's subset, or `dest` pinned to
@@ -166,11 +151,10 @@ impl Source {
                     ))
                 });
         }
-        let pinned = Destination {
+        self.target(Destination {
             cluster: Some(backend.cluster.clone()),
             ..dest.clone()
-        };
-        self.target(&pinned)
+        })
     }
 
     /// Reads a request body a mirror copy needs (up to [`MIRROR_BODY_MAX`]): the body for
@@ -178,6 +162,7 @@ impl Source {
     pub(crate) async fn tee(
         &self,
         route: &str,
+        backend: &Backend,
         head: &http::request::Parts,
         body: Incoming,
     ) -> Result<(GatewayBody, Option<Bytes>), Response<GatewayBody>> {
@@ -190,7 +175,8 @@ impl Source {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if length.is_none_or(|n| n > MIRROR_BODY_MAX) {
-            self.metrics.route_mirror(route, "", "skipped_body");
+            self.metrics
+                .route_mirror(route, &backend.label, "skipped_body");
             return Ok((body.map_err(Into::into).boxed(), None));
         }
         match http_body_util::Limited::new(body, MIRROR_BODY_MAX as usize)
@@ -208,11 +194,30 @@ impl Source {
         }
     }
 
+    /// A slot for one more mirror copy, taken before its body is read; `None` (and counted
+    /// as `skipped_busy`) past [`MAX_MIRRORS`] copies in flight.
+    pub(crate) fn mirror_slot(
+        &self,
+        route: &str,
+        backend: &Backend,
+    ) -> Option<OwnedSemaphorePermit> {
+        let slot = self.mirrors.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            self.metrics
+                .route_mirror(route, &backend.label, "skipped_busy");
+        }
+        slot
+    }
+
     /// Sends a copy of an admitted request to a mirror backend, in a task of its own: it is
-    /// admitted and recorded (marked as a mirror) where it lands, its answer is dropped, and
-    /// the caller never waits for it. Past [`MAX_MIRRORS`] copies in flight, it is skipped.
+    /// admitted and recorded (marked as a mirror) where it lands, its answer is read and
+    /// dropped (at most [`MIRROR_ANSWER_MAX`] bytes within [`MIRROR_ANSWER_TIME`]), and the
+    /// caller never waits for it. The copy counts as a request in flight, so a draining
+    /// gateway waits for it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn mirror(
         self: &Arc<Self>,
+        slot: OwnedSemaphorePermit,
         route: &str,
         caller: Caller,
         head: &http::request::Parts,
@@ -220,16 +225,14 @@ impl Source {
         dest: Destination,
         backend: Backend,
     ) {
-        let Ok(slot) = self.mirrors.clone().try_acquire_owned() else {
-            self.metrics
-                .route_mirror(route, &backend.label, "skipped_busy");
-            return;
-        };
         let mut head = clone_head(head);
+        // The copy carries nothing the original's route added for its own backend.
+        crate::headers::strip_meshgate(&mut head.headers);
         let ctx = self.clone();
         let route = route.to_owned();
         tokio::spawn(async move {
             let _slot = slot;
+            let _in_flight = ctx.in_flight.begin();
             let mut meta = RequestMeta::new(&mut head.headers);
             meta.traffic = Some(TrafficNote {
                 route: Some(route.clone()),
@@ -270,9 +273,8 @@ impl Source {
                 .await
             {
                 Forwarded::Answer(resp) => {
-                    // Read to the end so the connection is reused; the bytes are dropped.
                     let status = resp.status();
-                    let _ = resp.into_body().collect().await;
+                    drain(resp.into_body()).await;
                     match status.as_u16() {
                         400..=499 => "refused",
                         500.. => "failed",
@@ -284,6 +286,21 @@ impl Source {
             ctx.metrics.route_mirror(&route, &backend.label, outcome);
         });
     }
+}
+
+/// Reads a mirror's answer to its end, so the connection is reused, dropping the bytes; past
+/// [`MIRROR_ANSWER_MAX`] bytes or [`MIRROR_ANSWER_TIME`] it is dropped unread instead.
+async fn drain(mut body: GatewayBody) {
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > MIRROR_ANSWER_MAX {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(MIRROR_ANSWER_TIME, read).await;
 }
 
 /// A copy of a request head (method, target, version, headers; no extensions).

@@ -57,8 +57,9 @@ impl DecisionKind {
         }
     }
 
-    /// Whether the policies allowed the request (allow, quota exceeded, or a fault injected
-    /// after an allow).
+    /// Whether the policies allowed the request: allow, quota exceeded, or a fault. A fault
+    /// record with `facts` was allowed by Cedar here first; one without (a backend in
+    /// another cluster) was not decided here, and `policy replay` skips it.
     pub fn policy_allowed(self) -> bool {
         matches!(self, Self::Allow | Self::QuotaExceeded | Self::Fault)
     }
