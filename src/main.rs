@@ -2,6 +2,7 @@
 
 mod admin;
 mod cli;
+mod console;
 mod demo;
 mod exit;
 mod runtime;

@@ -14,6 +14,7 @@ use meshgate_policy::{DecisionLog, PolicyEngine, QuotaLimiter, QuotaSpec};
 use crate::admin::{self, AdminContext, AdminServer, Registry};
 use crate::cli::audit::checkpoint_signer;
 use crate::cli::federation_wiring::{self, FederatedCatalog, FederationMetrics};
+use crate::console::{Console, ConsoleParts};
 use crate::exit::{CliError, CliResult, ResultExt};
 use crate::state::State;
 
@@ -45,6 +46,7 @@ pub struct Running {
     admin: AdminServer,
     mesh_dns: Option<MeshDns>,
     issuer_api: Option<std::net::SocketAddr>,
+    console: Option<Console>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -142,6 +144,7 @@ impl Prepared {
             },
         );
         crate::cli::federation::register_admin(&mut registry, &federation);
+        let console_bundles = bundles.clone();
         let quic_reset_secret = _state
             .secret(QUIC_RESET_KEY_FILE)
             .map_err(CliError::internal)?;
@@ -175,6 +178,23 @@ impl Prepared {
             Some(addr) => Some(serve_issuer(&issuer, &config, addr, stop_rx).await?),
             None => None,
         };
+        let console = match config.listeners.console {
+            Some(addr) => Some(
+                Console::start(
+                    ConsoleParts {
+                        config: config.clone(),
+                        issuer: issuer.clone(),
+                        bundles: console_bundles,
+                        log: log.clone(),
+                        policy: policy.clone(),
+                        federation: federation.clone(),
+                    },
+                    addr,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         Ok(Running {
             gateway,
             issuer,
@@ -184,6 +204,7 @@ impl Prepared {
             admin,
             mesh_dns,
             issuer_api,
+            console,
             stop,
         })
     }
@@ -250,7 +271,15 @@ impl Running {
         if let Some(api) = self.issuer_api {
             out += &format!("  issuer API        https://{api}\n");
         }
+        if let Some(console) = &self.console {
+            out += &format!("  console           {}\n", console.url());
+        }
         out
+    }
+
+    /// The console's URL, when it runs.
+    pub fn console_url(&self) -> Option<&str> {
+        self.console.as_ref().map(Console::url)
     }
 
     /// Graceful shutdown: stop the issuer API and the admin socket, drain the gateway, sign
@@ -258,6 +287,9 @@ impl Running {
     /// then close the tunnel.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        if let Some(console) = self.console {
+            console.shutdown().await;
+        }
         self.admin.shutdown().await;
         self.gateway.drain().await;
         match self.log.checkpoint(SystemTime::now()) {

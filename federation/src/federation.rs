@@ -437,6 +437,16 @@ impl Federation {
         self.store.witnessed(td)
     }
 
+    /// The latest `n` checkpoint heads of `td`'s decision log held here, oldest first
+    /// (without reading the whole history).
+    pub fn witnessed_recent(
+        &self,
+        td: &str,
+        n: usize,
+    ) -> Result<Vec<meshgate_policy::Checkpoint>, FederationError> {
+        self.store.witnessed_recent(td, n)
+    }
+
     /// Notified (the counter grows) whenever the catalog changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

@@ -59,6 +59,9 @@ pub struct GatewayConfig {
     /// Distributed traces (`[telemetry]`), off by default.
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// The web console, served on `listeners.console` when that is set.
+    #[serde(default)]
+    pub console: ConsoleSettings,
 }
 
 /// Spans of each request exported over OTLP/HTTP (protobuf) when `otlp_endpoint` is set.
@@ -84,6 +87,45 @@ impl Default for TelemetrySettings {
             service_name: None,
             sample_ratio: 1.0,
             export_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The read-only web console (`[console]`); it runs only when `listeners.console` is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// Who may connect: `"mtls"` (the default) or `"insecure_loopback"`.
+    pub access: ConsoleAccess,
+    /// A `.cedar` file of console policies (validated against the console schema). When
+    /// absent, workloads of this trust domain's `audit` namespace may view every page.
+    pub policy: Option<PathBuf>,
+}
+
+/// How the console authenticates its viewers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleAccess {
+    /// HTTPS; the viewer presents an X.509-SVID of a trust domain this gateway trusts, and
+    /// the console policy decides each page view.
+    #[default]
+    Mtls,
+    /// Plain HTTP without authentication, on a loopback address only (a laptop): anyone who
+    /// can open a connection on this machine reads the console.
+    InsecureLoopback,
+}
+
+impl GatewayConfig {
+    /// Checks the console settings against the listener address: the unauthenticated mode
+    /// must listen on a loopback address.
+    pub fn check_console(&self) -> Result<(), String> {
+        match (self.listeners.console, self.console.access) {
+            (Some(addr), ConsoleAccess::InsecureLoopback) if !addr.ip().is_loopback() => {
+                Err(format!(
+                    "`listeners.console = \"{addr}\"` is not a loopback address, but `console.access = \"insecure_loopback\"` serves the console without authentication; listen on 127.0.0.1 or ::1, or use `access = \"mtls\"`"
+                ))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -200,6 +242,9 @@ pub struct Listeners {
     /// The mesh DNS server (UDP and TCP) answering the `mesh_suffix` zone (federation).
     #[serde(default)]
     pub dns: Option<SocketAddr>,
+    /// The read-only web console (see `[console]`); off when absent.
+    #[serde(default)]
+    pub console: Option<SocketAddr>,
 }
 
 /// Policy settings.

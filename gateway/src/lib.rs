@@ -35,9 +35,9 @@ mod upstream;
 pub use caller::{CALLER_REF_HEADER, CALLER_TOKEN_HEADER, audience};
 pub use catalog::{Catalog, ControlHandler, PeerRoute, Route, StaticCatalog};
 pub use config::{
-    AuditSettings, GatewayConfig, IdentitySettings, Limits, Listeners, PeerConfig, PolicyConfig,
-    RuntimeSettings, ServiceConfig, ServiceProtocol, SubsetConfig, TelemetrySettings, WitnessCheck,
-    parse_duration,
+    AuditSettings, ConsoleAccess, ConsoleSettings, GatewayConfig, IdentitySettings, Limits,
+    Listeners, PeerConfig, PolicyConfig, RuntimeSettings, ServiceConfig, ServiceProtocol,
+    SubsetConfig, TelemetrySettings, WitnessCheck, parse_duration,
 };
 pub use dest::{Destination, DestinationError, Resolver};
 pub use gateway::{BoundAddrs, Gateway, GatewayError, GatewayParts, Routes, RoutesReport};

@@ -82,6 +82,31 @@ pub fn diff_sets(old: &PolicyEngine, new: &PolicyEngine) -> SetDiff {
     out
 }
 
+/// Every policy of `set` with its text, sorted by id.
+pub(crate) fn texts(set: &PolicySet) -> Vec<PolicyText> {
+    let mut out: Vec<PolicyText> = set
+        .policies()
+        .map(|p| PolicyText {
+            id: p.id().to_string(),
+            text: text(set, p),
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+impl PolicyEngine {
+    /// The enforced set's policies with their text, sorted by id.
+    pub fn enforced_policies(&self) -> Vec<PolicyText> {
+        texts(&self.set_and_schema().0)
+    }
+
+    /// The shadow set's policies with their text, when one is loaded.
+    pub fn shadow_policies(&self) -> Option<Vec<PolicyText>> {
+        self.shadow_set().map(|set| texts(&set))
+    }
+}
+
 /// The policy as Cedar understands it: its JSON form, and for a linked policy the
 /// template's with the link values.
 fn meaning(set: &PolicySet, p: &Policy) -> String {

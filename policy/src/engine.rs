@@ -2,9 +2,9 @@
 //! on reload; decisions with their determining policies, errors, version and quota.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use cedar_policy::Authorizer;
@@ -60,6 +60,19 @@ pub struct ShadowOutcome {
     pub differs: bool,
 }
 
+/// What the last [`PolicyEngine::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// When it ran.
+    pub at: SystemTime,
+    /// Whether the new sets now serve.
+    pub applied: bool,
+    /// The enforced set's version after it (the old one when refused).
+    pub version: String,
+    /// Why the new sets were refused: Cedar's diagnostics with file, line and column.
+    pub diagnostics: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 enum Source {
     Dir {
@@ -77,6 +90,7 @@ pub struct PolicyEngine {
     source: Source,
     shadow_dir: Option<PathBuf>,
     reload_failures: AtomicU64,
+    last_reload: Mutex<Option<ReloadStatus>>,
     authorizer: Authorizer,
     path_rules: PathRules,
 }
@@ -108,6 +122,7 @@ impl PolicyEngine {
             source,
             shadow_dir: None,
             reload_failures: AtomicU64::new(0),
+            last_reload: Mutex::new(None),
             authorizer: Authorizer::new(),
             path_rules: PathRules::default(),
         }
@@ -157,6 +172,13 @@ impl PolicyEngine {
             self.reload_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "policy reload refused; the previous set keeps serving");
         }
+        let status = ReloadStatus {
+            at: SystemTime::now(),
+            applied: result.is_ok(),
+            version: self.version().to_string(),
+            diagnostics: result.as_ref().err().map(ToString::to_string),
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         result
     }
 
@@ -192,6 +214,19 @@ impl PolicyEngine {
     /// The shadow set's version, when one is loaded.
     pub fn shadow_version(&self) -> Option<PolicyVersion> {
         self.shadow.load().as_ref().map(|s| s.version.clone())
+    }
+
+    /// The shadow set, when one is loaded.
+    pub(crate) fn shadow_set(&self) -> Option<cedar_policy::PolicySet> {
+        self.shadow.load().as_ref().map(|s| s.set.clone())
+    }
+
+    /// What the last reload did (`None` before the first one).
+    pub fn last_reload(&self) -> Option<ReloadStatus> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The enforced set and its schema, for proofs.

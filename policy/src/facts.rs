@@ -295,23 +295,7 @@ pub(crate) fn subject_parts(
     }
     let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
     let mut entities = Vec::with_capacity(8);
-
-    // The caller and its parents.
-    let caller_td = uid("TrustDomain", &caller.trust_domain)?;
-    let mut caller_parents = vec![caller_td.clone()];
-    entities.push(Entity::new_no_attrs(caller_td, Default::default()));
-    let mut caller_attrs = vec![("trust_domain".to_owned(), s(&caller.trust_domain))];
-    if let (Some(ns), Some(sa)) = (&caller.namespace, &caller.service_account) {
-        let ns_uid = namespace_entity(&mut entities, &caller.trust_domain, ns)?;
-        caller_parents.push(ns_uid);
-        caller_attrs.push(("namespace".to_owned(), s(ns)));
-        caller_attrs.push(("service_account".to_owned(), s(sa)));
-    }
-    if !facts.source_cluster.is_empty() {
-        caller_attrs.push(("cluster".to_owned(), s(&facts.source_cluster)));
-    }
-    let principal = uid("Workload", &facts.caller)?;
-    entities.push(entity(principal.clone(), caller_attrs, caller_parents, [])?);
+    let principal = caller_entities(&facts.caller, &caller, &facts.source_cluster, &mut entities)?;
 
     // The service and its namespace in the destination trust domain.
     let svc_ns_uid = namespace_entity(&mut entities, &facts.destination_trust_domain, svc_ns)?;
@@ -332,6 +316,33 @@ pub(crate) fn subject_parts(
         labels,
     )?);
     Ok((principal, resource, entities))
+}
+
+/// The caller `Workload::"<id>"` and its parents (trust domain, and namespace when the ID
+/// has one) pushed onto `entities`; `cluster` is set when `source_cluster` is not empty.
+pub(crate) fn caller_entities(
+    id: &str,
+    caller: &Caller,
+    source_cluster: &str,
+    entities: &mut Vec<Entity>,
+) -> Result<EntityUid, FactsError> {
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let caller_td = uid("TrustDomain", &caller.trust_domain)?;
+    let mut caller_parents = vec![caller_td.clone()];
+    entities.push(Entity::new_no_attrs(caller_td, Default::default()));
+    let mut caller_attrs = vec![("trust_domain".to_owned(), s(&caller.trust_domain))];
+    if let (Some(ns), Some(sa)) = (&caller.namespace, &caller.service_account) {
+        let ns_uid = namespace_entity(entities, &caller.trust_domain, ns)?;
+        caller_parents.push(ns_uid);
+        caller_attrs.push(("namespace".to_owned(), s(ns)));
+        caller_attrs.push(("service_account".to_owned(), s(sa)));
+    }
+    if !source_cluster.is_empty() {
+        caller_attrs.push(("cluster".to_owned(), s(source_cluster)));
+    }
+    let principal = uid("Workload", id)?;
+    entities.push(entity(principal.clone(), caller_attrs, caller_parents, [])?);
+    Ok(principal)
 }
 
 /// What changes with every request: the headers and claims entities and the context.
@@ -465,7 +476,7 @@ fn namespace_entity(
     Ok(ns_uid)
 }
 
-fn entity(
+pub(crate) fn entity(
     uid: EntityUid,
     attrs: impl IntoIterator<Item = (String, RestrictedExpression)>,
     parents: impl IntoIterator<Item = EntityUid>,
@@ -505,7 +516,7 @@ fn type_name(ty: &str) -> Result<EntityTypeName, FactsError> {
     }
 }
 
-fn cedar_err(e: impl std::fmt::Display) -> FactsError {
+pub(crate) fn cedar_err(e: impl std::fmt::Display) -> FactsError {
     FactsError::Cedar(e.to_string())
 }
 

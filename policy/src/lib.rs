@@ -13,6 +13,7 @@
 //!
 //! This crate knows nothing of sockets or TLS; the gateway hands it facts and a sled `Db`.
 
+mod console;
 mod diag;
 mod diff;
 mod engine;
@@ -27,9 +28,10 @@ mod subject;
 mod timefmt;
 mod tools;
 
+pub use console::{CONSOLE_SCHEMA, ConsoleDecision, ConsolePolicy, ConsoleRequest};
 pub use diag::PolicyDiagnostic;
 pub use diff::{ChangedPolicy, PolicyText, SetDiff, diff_sets};
-pub use engine::{Decision, PolicyEngine, ShadowOutcome};
+pub use engine::{Decision, PolicyEngine, ReloadStatus, ShadowOutcome};
 pub use facts::{FactsError, HIDDEN_HEADERS, RequestFacts};
 pub use load::{LINKS_FILE, LoadError, LoadStats, MESH_SCHEMA, PolicyVersion, SourceFile};
 pub use log::{

@@ -180,7 +180,7 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), Loa
     Ok(())
 }
 
-fn read_file(path: &Path) -> Result<SourceFile, LoadError> {
+pub(crate) fn read_file(path: &Path) -> Result<SourceFile, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,

@@ -69,6 +69,12 @@ pub fn load_config(path: &Path) -> CliResult<GatewayConfig> {
     for peer in &mut config.peers {
         rel(&mut peer.bundle);
     }
+    if let Some(p) = config.console.policy.as_mut() {
+        rel(p);
+    }
+    config.check_console().map_err(|e| {
+        CliError::input(anyhow::anyhow!("invalid config `{}`: {e}", path.display()))
+    })?;
     config
         .trust_domain
         .parse::<TrustDomain>()

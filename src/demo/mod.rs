@@ -192,9 +192,10 @@ async fn run(dir: PathBuf, exit: bool) -> CliResult<Outcome> {
         let prepared = Prepared::open(config)?;
         let cluster_running = prepared.start().await?;
         println!(
-            "  {cluster}: workload listener https://{}, tunnel {}",
+            "  {cluster}: workload listener https://{}, tunnel {}, console {}",
             cluster_running.addrs().workload,
-            cluster_running.addrs().tunnel
+            cluster_running.addrs().tunnel,
+            cluster_running.console_url().unwrap_or("off"),
         );
         running.push(cluster_running);
     }
@@ -259,6 +260,12 @@ async fn run(dir: PathBuf, exit: bool) -> CliResult<Outcome> {
         return Ok(if ok { Outcome::Yes } else { Outcome::No });
     }
     println!("{}", scenario::try_it(&dir, &running));
+    println!("The web console of each cluster (read-only, loopback only, every view is logged):");
+    for r in &running {
+        if let Some(url) = r.console_url() {
+            println!("  {:<6} {url}", r.config.cluster);
+        }
+    }
     println!("The mesh keeps running; press Ctrl-C to stop it.");
     tokio::signal::ctrl_c().await.internal_err()?;
     eprintln!("stopping: draining requests in flight");
@@ -294,6 +301,7 @@ struct Ports {
     admin: SocketAddr,
     dns: SocketAddr,
     issuer: SocketAddr,
+    console: SocketAddr,
 }
 
 impl Ports {
@@ -314,6 +322,7 @@ impl Ports {
             admin: tcp()?,
             dns: udp()?,
             issuer: tcp()?,
+            console: tcp()?,
         })
     }
 }
@@ -336,8 +345,9 @@ fn config_toml(
         "# Written by `meshgate demo`; start it alone with `meshgate gateway --config {path}`.\n\
          cluster = \"{cluster}\"\ntrust_domain = \"{cluster}.example\"\nstate_dir = \"state\"\n\n\
          [listeners]\nworkload = \"{w}\"\ntunnel = \"{t}\"\nadmin = \"{a}\"\ndns = \"{d}\"\nissuer = \"{iss}\"\n\
-         dns_names = [\"localhost\"]\nip_addrs = [\"127.0.0.1\"]\n\n\
+         console = \"{c}\"\ndns_names = [\"localhost\"]\nip_addrs = [\"127.0.0.1\"]\n\n\
          [policy]\ndir = \"policies\"\n{shadow}\n\
+         [console]\n# Plain HTTP without authentication, on 127.0.0.1 only: for a laptop.\naccess = \"insecure_loopback\"\n\n\
          [[services]]\nname = \"{service}\"\nnamespace = \"shop\"\nendpoints = [\"{upstream}\"]\nexport_to = [\"*\"]\n",
         path = dir.join(cluster).join("gateway.toml").display(),
         w = p.workload,
@@ -345,6 +355,7 @@ fn config_toml(
         a = p.admin,
         d = p.dns,
         iss = p.issuer,
+        c = p.console,
     );
     for (j, (peer, peer_service)) in CLUSTERS.iter().enumerate() {
         if j == i {

@@ -155,6 +155,7 @@ impl Member {
                 dns_names: vec!["localhost".into()],
                 ip_addrs: vec!["127.0.0.1".parse().unwrap()],
                 dns: spec.dns.then_some(any),
+                console: None,
             },
             policy: PolicyConfig {
                 dir: policy_dir,
@@ -172,6 +173,7 @@ impl Member {
             runtime: Default::default(),
             paths: Default::default(),
             telemetry: Default::default(),
+            console: Default::default(),
         };
         let (_, der) = CheckpointSigner::generate().unwrap();
         Self::boot(dir, db, config, der, spec.options, spec.autostart).await

@@ -184,6 +184,7 @@ impl Cluster {
                 dns_names: vec!["localhost".into()],
                 ip_addrs: vec!["127.0.0.1".parse().unwrap()],
                 dns: None,
+                console: None,
             },
             policy: PolicyConfig {
                 dir: policy_dir,
@@ -201,6 +202,7 @@ impl Cluster {
             runtime: Default::default(),
             paths: Default::default(),
             telemetry: Default::default(),
+            console: Default::default(),
         };
         let mut config = config;
         adjust(&mut config);
