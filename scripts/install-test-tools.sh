@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the few system tools the test suite drives as real clients (curl, openssl, dig),
+# Installs the few system tools the test suite drives as real clients (curl, openssl, dig,
+# chromium for the console's browser tests),
 # when they are missing. Runs as root from Debian's packages; does nothing if all are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

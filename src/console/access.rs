@@ -181,11 +181,11 @@ mod tests {
 
     #[test]
     fn the_kernel_names_the_user_of_a_loopback_connection() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let local = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let client = std::net::TcpStream::connect(local).unwrap_or_else(|e| panic!("{e}"));
-        let (_server, peer) = listener.accept().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(peer, client.local_addr().unwrap_or_else(|e| panic!("{e}")));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(local).unwrap();
+        let (_server, peer) = listener.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
         let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
         assert_eq!(socket_uid(peer, local), me.ok());
         match loopback_viewer(peer, local) {

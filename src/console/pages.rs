@@ -9,7 +9,7 @@ use super::data::{
     DecisionDetail, DecisionPage, GraphView, HeadView, Integrity, Mesh, Policies, SetView,
 };
 use super::html::{Frame, badge, code_block, esc, esc_short, page};
-use super::query::{DEFAULT_LIMIT, encode};
+use super::query::encode;
 use super::svg;
 
 fn or_dash(s: &str) -> String {
@@ -96,7 +96,7 @@ pub fn decisions(frame: &Frame<'_>, p: &DecisionPage) -> String {
         let _ = write!(
             body,
             "<tr{}><td class=\"num\"><a href=\"/decisions/{id}\">{seq}</a></td><td>{time}</td><td>{decision}</td>\
-             <td>{caller}</td><td>{action}</td><td>{service}</td><td><code>{path}</code></td><td>{status}</td><td>{reasons}</td><td>{shadow}</td></tr>",
+             <td>{caller}</td><td>{action}</td><td>{service}</td><td>{path}</td><td>{status}</td><td>{reasons}</td><td>{shadow}</td></tr>",
             if refused { " class=\"refused\"" } else { "" },
             id = esc(&encode(&r.id)),
             seq = r.seq,
@@ -113,7 +113,11 @@ pub fn decisions(frame: &Frame<'_>, p: &DecisionPage) -> String {
             } else {
                 search_link("service", &r.resource)
             },
-            path = esc_short(&r.path, 80),
+            path = if r.path.is_empty() {
+                or_dash("")
+            } else {
+                format!("<code>{}</code>", esc_short(&r.path, 80))
+            },
             status = r.status.map_or_else(|| or_dash(""), |s| s.to_string()),
             reasons = r
                 .reasons
@@ -156,7 +160,6 @@ pub fn decisions(frame: &Frame<'_>, p: &DecisionPage) -> String {
     }
     body.push_str("</div>");
     let api = format!("/api/decisions?{}", s.to_query(s.before));
-    let _ = DEFAULT_LIMIT;
     page(frame, "/decisions", "Decisions", Some(&api), &body)
 }
 
@@ -539,7 +542,7 @@ fn set_section(body: &mut String, title: &str, set: &SetView) {
     for p in &set.policies {
         let _ = write!(
             body,
-            "<details><summary><code>{}</code></summary>{}</details>",
+            "<details open><summary><code>{}</code></summary>{}</details>",
             esc(&p.id),
             code_block(&p.text)
         );

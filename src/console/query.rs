@@ -254,7 +254,6 @@ fn time_or_ago(v: Option<&str>, name: &str, now: SystemTime) -> Result<Option<Sy
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

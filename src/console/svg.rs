@@ -15,14 +15,14 @@ use super::html::{esc, esc_short};
 pub const MAX_NODES_PER_SIDE: usize = 120;
 
 const WIDTH: u32 = 1100;
-const NODE_W: u32 = 390;
+const NODE_W: u32 = 360;
 const NODE_H: u32 = 26;
-const GAP: u32 = 10;
+const GAP: u32 = 14;
 const GROUP_GAP: u32 = 30;
 const TOP: u32 = 30;
 const LEFT_X: u32 = 10;
 const RIGHT_X: u32 = WIDTH - NODE_W - 10;
-const NAME_CHARS: usize = 54;
+const NAME_CHARS: usize = 50;
 
 /// The class of an edge: `allowed`, `refused` (some) or `denied` (all refused).
 pub fn edge_class(e: &Edge) -> &'static str {
@@ -78,11 +78,11 @@ pub fn render(graph: &ServiceGraph) -> (String, usize) {
             to = esc(&e.to),
             summary = esc(&e.counts.summary()),
         );
+        // At the curve's middle: edges into one service, or out of one caller, spread apart.
         let _ = write!(
             labels,
-            "<text class=\"label {class}\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            x2 - 8,
-            y2 - 5,
+            "<text class=\"label {class}\" x=\"{mid}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            (y1 + y2) / 2 - 4,
             esc(&e.counts.summary())
         );
     }
@@ -155,7 +155,6 @@ fn place<'a>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use meshgate_policy::{EdgeCounts, Node};
 
     use super::*;

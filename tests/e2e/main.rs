@@ -3,6 +3,8 @@
 
 mod admin_socket;
 mod audit_graph;
+mod console;
+mod console_browser;
 mod demo;
 mod dns;
 mod faults;

@@ -35,6 +35,10 @@ pub struct Cluster {
     pub workload: SocketAddr,
     pub tunnel: SocketAddr,
     pub admin: SocketAddr,
+    /// The console's address; it runs when `console_access` is set (`mtls` or
+    /// `insecure_loopback`) before `write_config`.
+    pub console: SocketAddr,
+    pub console_access: Option<&'static str>,
 }
 
 impl Cluster {
@@ -58,6 +62,8 @@ impl Cluster {
             workload: free_tcp(),
             tunnel: free_udp(),
             admin: free_tcp(),
+            console: free_tcp(),
+            console_access: None,
         }
     }
 
@@ -66,6 +72,13 @@ impl Cluster {
     }
 
     pub fn write_config(&self, peer: &Cluster, upstream: SocketAddr, witness_check: &str) {
+        let (console_listener, console) = match self.console_access {
+            Some(access) => (
+                format!("console = \"{}\"\n", self.console),
+                format!("[console]\naccess = \"{access}\"\n"),
+            ),
+            None => (String::new(), String::new()),
+        };
         let text = format!(
             r#"cluster = "{name}"
 trust_domain = "{name}.example"
@@ -74,7 +87,7 @@ state_dir = "state"
 workload = "{workload}"
 tunnel = "{tunnel}"
 admin = "{admin}"
-[policy]
+{console_listener}{console}[policy]
 dir = "policies"
 [audit]
 witness_check = "{witness_check}"
@@ -119,6 +132,9 @@ services = ["orders.shop"]
         let p = self.spawn();
         wait_listening(self.admin);
         wait_admin_socket(&self.state());
+        if self.console_access.is_some() {
+            wait_listening(self.console);
+        }
         p
     }
 

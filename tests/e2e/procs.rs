@@ -178,3 +178,39 @@ pub fn cvc5() -> String {
         Err(e) => panic!("the proof tests need cvc5 >= 1.3.1; scripts/install-cvc5.sh failed: {e}"),
     }
 }
+
+/// Headless Chromium loading `url` and printing the DOM as it rendered it (what a person
+/// sees, parsed by a real browser). Fails the test, saying why, when Chromium is missing and
+/// cannot be installed (`scripts/install-test-tools.sh` installs Debian's `chromium`).
+pub fn chromium_dom(url: &str) -> String {
+    let out = chromium(&["--dump-dom", url]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Headless Chromium saving a screenshot of `url` to `png`.
+pub fn chromium_screenshot(url: &str, png: &Path, width: u32, height: u32) {
+    let shot = format!("--screenshot={}", png.display());
+    let size = format!("--window-size={width},{height}");
+    chromium(&["--hide-scrollbars", &size, &shot, url]);
+    assert!(png.is_file(), "chromium wrote no screenshot of {url}");
+}
+
+fn chromium(args: &[&str]) -> Output {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tool("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(args);
+    let out = output_within(&mut cmd);
+    assert!(
+        out.status.success(),
+        "chromium {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
