@@ -30,6 +30,7 @@ fn the_demo_shows_every_behaviour_and_exits_cleanly() {
         "north: ok",
         "who called whom across the mesh",
         "east.example/ns/batch/sa/report",
+        ", console http://127.0.0.1:",
     ] {
         assert!(
             text.contains(expected),
