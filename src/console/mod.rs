@@ -266,8 +266,13 @@ async fn serve(
                     connection(tls, viewer, shared).await;
                 }
                 None => {
+                    // Reads `/proc/net/tcp`: off the async workers.
                     let viewer = match local {
-                        Some(local) => access::loopback_viewer(peer, local),
+                        Some(local) => tokio::task::spawn_blocking(move || {
+                            access::loopback_viewer(peer, local)
+                        })
+                        .await
+                        .unwrap_or_else(|_| Viewer::Loopback(format!("loopback {peer}"))),
                         None => Viewer::Loopback(format!("loopback {peer}")),
                     };
                     connection(tcp, viewer, shared).await;
@@ -456,6 +461,8 @@ async fn record(shared: &Arc<Shared>, who: &str, what: String) -> Result<(), Str
 }
 
 type Failure = (StatusCode, String);
+/// A page's work on a blocking thread: the data, then its HTML or JSON.
+type Render = Box<dyn FnOnce(&Sources, &Frame<'_>) -> Result<Response<Body>, Failure> + Send>;
 
 async fn serve_route(
     route: Route,
@@ -480,24 +487,23 @@ async fn serve_route(
     }
     let viewer = who.to_owned();
     let permit = reader(shared).await?;
-    let run =
-        |f: Box<dyn FnOnce(&Sources, &Frame<'_>) -> Result<Response<Body>, Failure> + Send>| {
-            let shared = shared.clone();
-            let (cluster, td) = (cfg.cluster.clone(), cfg.trust_domain.clone());
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    let frame = Frame {
-                        cluster: &cluster,
-                        trust_domain: &td,
-                        viewer: &viewer,
-                    };
-                    f(&shared.src, &frame)
-                })
-                .await
-                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            }
-        };
+    let run = |f: Render| {
+        let shared = shared.clone();
+        let (cluster, td) = (cfg.cluster.clone(), cfg.trust_domain.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let frame = Frame {
+                    cluster: &cluster,
+                    trust_domain: &td,
+                    viewer: &viewer,
+                };
+                f(&shared.src, &frame)
+            })
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        }
+    };
     match route {
         Route::Home | Route::Export(_) => Ok(redirect("/decisions")),
         Route::Decisions { api } => {

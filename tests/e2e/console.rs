@@ -137,13 +137,20 @@ fn the_loopback_console_serves_every_page_as_json_and_records_each_view() {
     let policies = get_json(&format!("{url}/api/policies"), &[]);
     assert!(policies["last_reload"].is_null(), "{policies}");
     let bad = pair.west.dir.join("policies/typo.cedar");
-    std::fs::write(&bad, "permit (principal, action, resource) when { context.pth == \"/\" };").unwrap();
+    std::fs::write(
+        &bad,
+        "permit (principal, action, resource) when { context.pth == \"/\" };",
+    )
+    .unwrap();
     let reload = run(&["policy", "reload", "--state", &arg(&pair.west.state())]);
     assert_eq!(reload.status.code(), Some(1), "{reload:?}");
     let policies = get_json(&format!("{url}/api/policies"), &[]);
     assert_eq!(policies["last_reload"]["applied"], false, "{policies}");
     assert!(
-        policies["last_reload"]["diagnostics"].as_str().unwrap().contains("typo.cedar"),
+        policies["last_reload"]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("typo.cedar"),
         "{policies}"
     );
     assert_eq!(policies["reload_failures"], 1);

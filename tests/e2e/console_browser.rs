@@ -149,7 +149,11 @@ fn console_screenshots() {
     let allowed = get_json(&format!("{west}/api/decisions?decision=allow&limit=1"), &[]);
     let id = allowed["records"][0]["id"].as_str().unwrap().to_owned();
     for (name, url, height) in [
-        ("decisions", format!("{west}/decisions?service=orders.shop.west"), 760),
+        (
+            "decisions",
+            format!("{west}/decisions?service=orders.shop.west"),
+            760,
+        ),
         ("decision", format!("{west}/decisions/{id}"), 1250),
         ("graph", format!("{west}/graph"), 620),
         ("integrity", format!("{west}/integrity"), 1150),
