@@ -123,7 +123,7 @@ pub fn stream(
     ChannelBody(rx)
 }
 
-const CSV_HEADER: &str = "seq,time,id,decision,principal,action,resource,method,path,raw_path,status,reasons,errors,policy_version,shadow_allowed,shadow_differs,shadow_reasons,quota_key,quota_remaining,trace_id,source_gateway,hash\n";
+const CSV_HEADER: &str = "seq,time,id,decision,principal,action,resource,method,path,raw_path,status,reasons,errors,policy_version,shadow_allowed,shadow_differs,shadow_reasons,quota_key,quota_remaining,trace_id,source_gateway,hash,route,backend,fault\n";
 
 fn csv_row(r: &DecisionRecord, out: &mut Vec<u8>) {
     let opt = |v: Option<String>| v.unwrap_or_default();
@@ -150,6 +150,9 @@ fn csv_row(r: &DecisionRecord, out: &mut Vec<u8>) {
         opt(r.trace_id.clone()),
         opt(r.source_gateway.clone()),
         r.hash.clone(),
+        opt(r.traffic.as_ref().and_then(|t| t.route.clone())),
+        opt(r.traffic.as_ref().and_then(|t| t.backend.clone())),
+        opt(r.traffic.as_ref().and_then(|t| t.fault.clone())),
     ];
     for (i, c) in cells.iter().enumerate() {
         if i > 0 {
@@ -197,6 +200,6 @@ mod tests {
         assert_eq!(cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(cell("line\nbreak"), "\"line\nbreak\"");
-        assert_eq!(CSV_HEADER.matches(',').count(), 21);
+        assert_eq!(CSV_HEADER.matches(',').count(), 24);
     }
 }

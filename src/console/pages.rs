@@ -231,6 +231,28 @@ pub fn decision(frame: &Frame<'_>, d: &DecisionDetail) -> String {
                 _ => or_dash(""),
             },
         ),
+        (
+            "traffic route",
+            match &r.traffic {
+                None => or_dash(""),
+                Some(t) => {
+                    let mut parts = Vec::new();
+                    let mut put = |k: &str, v: &Option<String>| {
+                        if let Some(v) = v {
+                            parts.push(format!("{k} <code>{}</code>", esc(v)));
+                        }
+                    };
+                    put("route", &t.route);
+                    put("backend", &t.backend);
+                    put("subset", &t.subset);
+                    put("fault", &t.fault);
+                    if t.mirror {
+                        parts.push("a mirror copy (its answer was discarded)".to_owned());
+                    }
+                    parts.join(" · ")
+                }
+            },
+        ),
         ("trace id", opt(&r.trace_id)),
         ("source gateway", opt(&r.source_gateway)),
         ("sequence", r.seq.to_string()),
