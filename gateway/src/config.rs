@@ -78,6 +78,9 @@ pub struct TelemetrySettings {
     /// How often batches of spans are sent.
     #[serde(deserialize_with = "de_duration")]
     pub export_interval: Duration,
+    /// A trace viewer's page of one trace, `{trace_id}` replaced (e.g.
+    /// `http://jaeger:16686/trace/{trace_id}`): the console links each decision to it.
+    pub trace_url: Option<String>,
 }
 
 impl Default for TelemetrySettings {
@@ -87,6 +90,7 @@ impl Default for TelemetrySettings {
             service_name: None,
             sample_ratio: 1.0,
             export_interval: Duration::from_secs(1),
+            trace_url: None,
         }
     }
 }

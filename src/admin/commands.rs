@@ -213,6 +213,8 @@ pub struct AuditQuery {
     pub since: Option<SystemTime>,
     pub until: Option<SystemTime>,
     pub limit: Option<usize>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 impl AdminCommand for AuditQuery {
@@ -230,6 +232,7 @@ impl From<&Filter> for AuditQuery {
             since: f.since,
             until: f.until,
             limit: f.limit,
+            trace_id: f.trace_id.clone(),
         }
     }
 }
@@ -244,6 +247,7 @@ impl From<AuditQuery> for Filter {
             since: q.since,
             until: q.until,
             limit: q.limit,
+            trace_id: q.trace_id,
         }
     }
 }

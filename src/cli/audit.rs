@@ -55,6 +55,9 @@ pub enum AuditCommand {
         /// At most this many records.
         #[arg(long)]
         limit: Option<usize>,
+        /// Only the records of this W3C trace id (32 hex digits; also in every span).
+        #[arg(long)]
+        trace: Option<String>,
         /// Print a JSON array of records.
         #[arg(long)]
         json: bool,
@@ -226,8 +229,16 @@ impl AuditCommand {
                 since,
                 until,
                 limit,
+                trace,
                 json,
             } => {
+                if let Some(t) = &trace
+                    && !(t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+                {
+                    return Err(CliError::input(anyhow!(
+                        "`--trace {t}`: a W3C trace id is 32 hex digits"
+                    )));
+                }
                 let decision = decision
                     .map(|d| {
                         d.parse::<DecisionKind>()
@@ -242,6 +253,7 @@ impl AuditCommand {
                     since: parse_time(since.as_deref())?,
                     until: parse_time(until.as_deref())?,
                     limit,
+                    trace_id: trace.map(|t| t.to_ascii_lowercase()),
                 };
                 query(backend(&state)?.as_ref(), &filter, json)
             }

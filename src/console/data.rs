@@ -83,6 +83,8 @@ pub fn valid_id(id: &str) -> bool {
 pub struct DecisionDetail {
     pub record: DecisionRecord,
     pub policies: Vec<DeterminingPolicy>,
+    /// The record's trace in the trace viewer (`telemetry.trace_url`), when configured.
+    pub trace_url: Option<String>,
 }
 
 /// A determining policy of a record and its Cedar text.
@@ -146,7 +148,19 @@ pub fn detail(src: &Sources, id: &str) -> Result<Option<DecisionDetail>, LogErro
             });
         }
     }
-    Ok(Some(DecisionDetail { record, policies }))
+    let trace_url = src
+        .config
+        .telemetry
+        .trace_url
+        .as_deref()
+        .zip(record.trace_id.as_deref())
+        .filter(|(_, id)| id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|(url, id)| url.replace("{trace_id}", id));
+    Ok(Some(DecisionDetail {
+        record,
+        policies,
+        trace_url,
+    }))
 }
 
 /// The service graph of this gateway's log in a window.

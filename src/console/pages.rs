@@ -41,20 +41,28 @@ pub fn decisions(frame: &Frame<'_>, p: &DecisionPage) -> String {
     let s = &p.search;
     let v = |o: &Option<String>| esc(o.as_deref().unwrap_or_default());
     let mut body = String::new();
-    let options: String = ["", "allow", "deny", "quota_exceeded", "error", "admin"]
-        .iter()
-        .map(|d| {
-            let selected = if s.decision.map(DecisionKind::as_str).unwrap_or_default() == *d {
-                " selected"
-            } else {
-                ""
-            };
-            format!(
-                "<option value=\"{d}\"{selected}>{}</option>",
-                if d.is_empty() { "any" } else { d }
-            )
-        })
-        .collect();
+    let options: String = [
+        "",
+        "allow",
+        "deny",
+        "quota_exceeded",
+        "error",
+        "admin",
+        "fault",
+    ]
+    .iter()
+    .map(|d| {
+        let selected = if s.decision.map(DecisionKind::as_str).unwrap_or_default() == *d {
+            " selected"
+        } else {
+            ""
+        };
+        format!(
+            "<option value=\"{d}\"{selected}>{}</option>",
+            if d.is_empty() { "any" } else { d }
+        )
+    })
+    .collect();
     let _ = write!(
         body,
         "<form class=\"search\" method=\"get\" action=\"/decisions\">\
@@ -62,6 +70,7 @@ pub fn decisions(frame: &Frame<'_>, p: &DecisionPage) -> String {
          <label>service<input name=\"service\" value=\"{}\" placeholder=\"orders.shop.west\"></label>\
          <label>decision<select name=\"decision\">{options}</select></label>\
          <label>policy id<input name=\"policy\" value=\"{}\"></label>\
+         <label>trace id<input name=\"trace\" value=\"{}\" placeholder=\"32 hex digits\"></label>\
          <label>since<input name=\"since\" value=\"{}\" placeholder=\"1h or RFC 3339\"></label>\
          <label>until<input name=\"until\" value=\"{}\" placeholder=\"RFC 3339\"></label>\
          <label>per page<input name=\"limit\" value=\"{}\" size=\"4\"></label>\
@@ -69,6 +78,7 @@ pub fn decisions(frame: &Frame<'_>, p: &DecisionPage) -> String {
         v(&s.caller),
         v(&s.service),
         v(&s.policy),
+        v(&s.trace),
         v(&s.since),
         v(&s.until),
         s.limit,
@@ -253,7 +263,26 @@ pub fn decision(frame: &Frame<'_>, d: &DecisionDetail) -> String {
                 }
             },
         ),
-        ("trace id", opt(&r.trace_id)),
+        (
+            "trace id",
+            match &r.trace_id {
+                None => or_dash(""),
+                Some(id) => {
+                    let mut cell = format!(
+                        "<code>{}</code> · {}",
+                        esc(id),
+                        search_link("trace", id).replace(
+                            &format!(">{}</a>", esc_short(id, 70)),
+                            ">every decision of this trace here</a>"
+                        )
+                    );
+                    if let Some(url) = &d.trace_url {
+                        let _ = write!(cell, " · <a href=\"{}\">the trace</a>", esc(url));
+                    }
+                    cell
+                }
+            },
+        ),
         ("source gateway", opt(&r.source_gateway)),
         ("sequence", r.seq.to_string()),
         ("hash", code(&r.hash)),

@@ -107,6 +107,8 @@ pub struct Search {
     pub service: Option<String>,
     pub decision: Option<DecisionKind>,
     pub policy: Option<String>,
+    /// A W3C trace id: the records of one trace.
+    pub trace: Option<String>,
     /// As given (RFC 3339 or a duration ago, like `1h`).
     pub since: Option<String>,
     pub until: Option<String>,
@@ -120,7 +122,7 @@ pub struct Search {
 }
 
 pub const SEARCH_PARAMS: &[&str] = &[
-    "caller", "service", "decision", "policy", "since", "until", "limit", "before",
+    "caller", "service", "decision", "policy", "trace", "since", "until", "limit", "before",
 ];
 
 impl Search {
@@ -152,6 +154,16 @@ impl Search {
             service: owned("service"),
             decision,
             policy: owned("policy"),
+            trace: q
+                .get("trace")
+                .map(|t| {
+                    if t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        Ok(t.to_ascii_lowercase())
+                    } else {
+                        Err("`trace` is a W3C trace id: 32 hex digits".to_owned())
+                    }
+                })
+                .transpose()?,
             since: owned("since"),
             until: owned("until"),
             limit,
@@ -169,6 +181,7 @@ impl Search {
             since: self.since_at,
             until: self.until_at,
             limit: None,
+            trace_id: self.trace.clone(),
         }
     }
 
@@ -184,6 +197,7 @@ impl Search {
         put("service", self.service.as_deref());
         put("decision", self.decision.map(DecisionKind::as_str));
         put("policy", self.policy.as_deref());
+        put("trace", self.trace.as_deref());
         put("since", self.since.as_deref());
         put("until", self.until.as_deref());
         if self.limit != DEFAULT_LIMIT {
@@ -272,12 +286,16 @@ mod tests {
     fn a_search_round_trips_through_its_query() {
         let now = SystemTime::now();
         let q = Query::parse(Some(
-            "caller=spiffe%3A%2F%2Feast.example%2Fns%2Fshop%2Fsa%2Fweb&decision=deny&since=1h&limit=10",
+            "caller=spiffe%3A%2F%2Feast.example%2Fns%2Fshop%2Fsa%2Fweb&decision=deny&since=1h&limit=10&trace=4BF92F3577B34DA6A3CE929D0E0E4736",
         ))
         .unwrap();
         let s = Search::parse(&q, now).unwrap();
         assert_eq!(s.decision, Some(DecisionKind::Deny));
         assert_eq!(s.limit, 10);
+        assert_eq!(
+            s.filter().trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         assert!(s.filter().since.is_some());
         let again = Search::parse(&Query::parse(Some(&s.to_query(None))).unwrap(), now).unwrap();
         assert_eq!(again, s);
@@ -288,6 +306,8 @@ mod tests {
             "limit=501",
             "since=yesterday",
             "before=x",
+            "trace=xyz",
+            "trace=4bf92f3577b34da6a3ce929d0e0e47",
         ] {
             assert!(
                 Search::parse(&Query::parse(Some(bad)).unwrap(), now).is_err(),

@@ -112,6 +112,21 @@ fn the_loopback_console_serves_every_page_as_json_and_records_each_view() {
         "{detail}"
     );
     assert_eq!(detail["policies"][0]["same_version"], true);
+    // The decision names its trace (in the trace viewer `telemetry.trace_url` names), and
+    // the trace finds its decisions.
+    let trace = detail["record"]["trace_id"].as_str().unwrap();
+    assert_eq!(
+        detail["trace_url"],
+        format!("http://traces.example/trace/{trace}")
+    );
+    let of_trace = get_json(&format!("{url}/api/decisions?trace={trace}"), &[]);
+    let ids: Vec<_> = of_trace["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id]);
     let (status, _) = get(&format!("{url}/api/decisions/{}", "0".repeat(32)), &[]);
     assert_eq!(status, "404");
 

@@ -75,7 +75,9 @@ impl Cluster {
         let (console_listener, console) = match self.console_access {
             Some(access) => (
                 format!("console = \"{}\"\n", self.console),
-                format!("[console]\naccess = \"{access}\"\n"),
+                format!(
+                    "[console]\naccess = \"{access}\"\n[telemetry]\ntrace_url = \"http://traces.example/trace/{{trace_id}}\"\n"
+                ),
             ),
             None => (String::new(), String::new()),
         };

@@ -183,6 +183,18 @@ async fn spans_of_a_cross_cluster_call_form_one_tree_under_the_callers_trace() {
     assert_eq!(dest.attributes["http.response.status_code"], "200");
     let record = find_record(&west.log, &decision_id).expect("west's record");
     assert_eq!(record.trace_id.as_deref(), Some(trace));
+    // …and the trace finds its decisions.
+    let of_trace = west
+        .log
+        .query(&meshgate_policy::Filter {
+            trace_id: Some(trace.to_owned()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        of_trace.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [decision_id.as_str()]
+    );
     // The upstream got the trace with west's upstream span as its parent.
     let echoed = reply.json();
     let sent = echoed["headers"]["traceparent"].as_str().unwrap();

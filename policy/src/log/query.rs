@@ -28,6 +28,8 @@ pub struct Filter {
     pub until: Option<SystemTime>,
     /// At most this many records (the oldest first).
     pub limit: Option<usize>,
+    /// The W3C trace id (32 hex digits): every record of one trace.
+    pub trace_id: Option<String>,
 }
 
 impl Filter {
@@ -44,6 +46,10 @@ impl Filter {
                         .as_ref()
                         .is_some_and(|s| s.reasons.iter().any(|x| x == p))
             })
+            && self
+                .trace_id
+                .as_deref()
+                .is_none_or(|id| r.trace_id.as_deref() == Some(id))
             && self.since.is_none_or(|s| t.is_some_and(|t| t >= s))
             && self.until.is_none_or(|u| t.is_some_and(|t| t < u))
     }
