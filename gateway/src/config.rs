@@ -83,6 +83,21 @@ pub struct TelemetrySettings {
     pub trace_url: Option<String>,
 }
 
+impl TelemetrySettings {
+    /// Checks what is read only later (`trace_url`, used by the console).
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.trace_url
+            && (!(url.starts_with("http://") || url.starts_with("https://"))
+                || !url.contains("{trace_id}"))
+        {
+            return Err(format!(
+                "`telemetry.trace_url = \"{url}\"`: give an http(s) URL with `{{trace_id}}` where the trace id goes"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for TelemetrySettings {
     fn default() -> Self {
         Self {

@@ -79,6 +79,9 @@ pub fn load_config(path: &Path) -> CliResult<GatewayConfig> {
         .trust_domain
         .parse::<TrustDomain>()
         .input_ctx(|| format!("`{}`: `trust_domain`", path.display()))?;
+    config.telemetry.check().map_err(|e| {
+        CliError::input(anyhow::anyhow!("invalid config `{}`: {e}", path.display()))
+    })?;
     if let Err(problems) = meshgate_gateway::check_routes(&config.routes) {
         return Err(CliError::input(anyhow::anyhow!(
             "invalid config `{}`: {} problem(s) in `[[routes]]`:\n  {}",

@@ -55,6 +55,10 @@ pub fn tls(
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Every connection presents (and has verified) its certificate: no resumed sessions, so
+    // a viewer's expired or no longer trusted SVID is not carried over from an old handshake.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Tls {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         renewal: Box::pin(cert.keep_renewed(issuer.clone(), resolver)),

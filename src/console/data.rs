@@ -154,7 +154,7 @@ pub fn detail(src: &Sources, id: &str) -> Result<Option<DecisionDetail>, LogErro
         .trace_url
         .as_deref()
         .zip(record.trace_id.as_deref())
-        .filter(|(_, id)| id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .filter(|(_, id)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .map(|(url, id)| url.replace("{trace_id}", id));
     Ok(Some(DecisionDetail {
         record,
@@ -186,7 +186,8 @@ pub fn graph(log: &DecisionLog, q: &GraphQuery) -> Result<GraphView, LogError> {
 /// The integrity page: the chain, our signed heads, who witnesses them, what we witness.
 #[derive(Debug, Serialize)]
 pub struct Integrity {
-    /// `verified` or `tampered`.
+    /// `verified`, `tampered` (the chain or a signature does not hold), or `disagreed` (the
+    /// chain holds, but a peer witnessed heads this log contradicts: truncated or rolled back).
     pub status: &'static str,
     pub verify: VerifyReport,
     /// The checkpoint key pinned in the log.
@@ -244,7 +245,7 @@ pub fn integrity(src: &Sources, now: SystemTime) -> Result<Integrity, LogError> 
         .map(HeadView::from)
         .collect();
     let links = src.federation.status(now);
-    let witnesses = links
+    let witnesses: Vec<WitnessView> = links
         .iter()
         .map(|l| WitnessView {
             cluster: l.cluster.clone(),
@@ -273,10 +274,12 @@ pub fn integrity(src: &Sources, now: SystemTime) -> Result<Integrity, LogError> 
         })
         .collect();
     Ok(Integrity {
-        status: if verify.is_ok() {
-            "verified"
-        } else {
+        status: if !verify.is_ok() {
             "tampered"
+        } else if witnesses.iter().any(|w| w.verdict == "disagree") {
+            "disagreed"
+        } else {
+            "verified"
         },
         pinned_key: src.log.pinned_key().map(str::to_owned),
         verify,

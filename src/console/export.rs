@@ -68,6 +68,7 @@ pub fn stream(
     permit: OwnedSemaphorePermit,
 ) -> ChannelBody {
     let (tx, rx) = mpsc::channel::<Bytes>(BUFFERED);
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut buf = Vec::with_capacity(CHUNK + 4096);
@@ -93,7 +94,7 @@ pub fn stream(
                     &mut buf,
                     Vec::with_capacity(CHUNK + 4096),
                 ));
-                if tx.blocking_send(chunk).is_err() {
+                if !send_within(&runtime, &tx, chunk) {
                     gone = true;
                     return false;
                 }
@@ -117,13 +118,25 @@ pub fn stream(
             buf.extend_from_slice(note.as_bytes());
         }
         if !buf.is_empty() {
-            let _ = tx.blocking_send(Bytes::from(buf));
+            send_within(&runtime, &tx, Bytes::from(buf));
         }
     });
     ChannelBody(rx)
 }
 
-const CSV_HEADER: &str = "seq,time,id,decision,principal,action,resource,method,path,raw_path,status,reasons,errors,policy_version,shadow_allowed,shadow_differs,shadow_reasons,quota_key,quota_remaining,trace_id,source_gateway,hash,route,backend,fault\n";
+/// The longest an export waits for its reader to take the next chunk; past it the export is
+/// dropped, freeing its share of the console's reading capacity.
+const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Hands `chunk` to the response within [`STALL`]; false when the reader is gone or stalled.
+fn send_within(runtime: &tokio::runtime::Handle, tx: &mpsc::Sender<Bytes>, chunk: Bytes) -> bool {
+    matches!(
+        runtime.block_on(tokio::time::timeout(STALL, tx.send(chunk))),
+        Ok(Ok(()))
+    )
+}
+
+const CSV_HEADER: &str = "seq,time,id,decision,principal,action,resource,method,path,raw_path,status,reasons,errors,policy_version,shadow_allowed,shadow_differs,shadow_reasons,quota_key,quota_remaining,trace_id,source_gateway,hash,route,backend,fault,subset,mirror\n";
 
 fn csv_row(r: &DecisionRecord, out: &mut Vec<u8>) {
     let opt = |v: Option<String>| v.unwrap_or_default();
@@ -153,6 +166,8 @@ fn csv_row(r: &DecisionRecord, out: &mut Vec<u8>) {
         opt(r.traffic.as_ref().and_then(|t| t.route.clone())),
         opt(r.traffic.as_ref().and_then(|t| t.backend.clone())),
         opt(r.traffic.as_ref().and_then(|t| t.fault.clone())),
+        opt(r.traffic.as_ref().and_then(|t| t.subset.clone())),
+        opt(r.traffic.as_ref().map(|t| t.mirror.to_string())),
     ];
     for (i, c) in cells.iter().enumerate() {
         if i > 0 {
@@ -200,6 +215,6 @@ mod tests {
         assert_eq!(cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(cell("line\nbreak"), "\"line\nbreak\"");
-        assert_eq!(CSV_HEADER.matches(',').count(), 24);
+        assert_eq!(CSV_HEADER.matches(',').count(), 26);
     }
 }

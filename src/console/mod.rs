@@ -372,6 +372,24 @@ async fn handle(req: Request<Incoming>, viewer: &Viewer, shared: &Arc<Shared>) -
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
+    // A page on another site may point a browser here (an image, a form): the browser's
+    // certificate or the loopback address would make it a view. Only the console's own
+    // links and addresses typed or bookmarked are answered, before anything is read or
+    // recorded. (Clients that are not browsers send no `Sec-Fetch-Site`.)
+    if let Some(site) = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        && !matches!(site, "same-origin" | "none")
+    {
+        return fail(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the console answers its own pages and addresses typed or bookmarked, not a request from another site (`Sec-Fetch-Site: {}`)",
+                cut(site, 32)
+            ),
+        );
+    }
     if !shared.mtls {
         let host = req
             .headers()
@@ -446,7 +464,7 @@ async fn record(shared: &Arc<Shared>, who: &str, what: String) -> Result<(), Str
     let log = shared.src.log.clone();
     let who = who.to_owned();
     let written =
-        tokio::task::spawn_blocking(move || log.append_admin_event(&who, &what, SystemTime::now()))
+        tokio::task::spawn_blocking(move || log.append_view_event(&who, &what, SystemTime::now()))
             .await;
     match written {
         Ok(Ok(_)) => Ok(()),

@@ -477,6 +477,19 @@ pub fn integrity(frame: &Frame<'_>, i: &Integrity) -> String {
             }
             body.push_str("</ul>");
         }
+    } else if i.status == "disagreed" {
+        let peers: Vec<String> = i
+            .witnesses
+            .iter()
+            .filter(|w| w.verdict == "disagree")
+            .map(|w| format!("<code>{}</code>", esc(&w.cluster)))
+            .collect();
+        let _ = write!(
+            body,
+            "<div class=\"status bad\" id=\"chain-status\">WITNESSES DISAGREE: the hash chain holds ({} records), but {} witnessed heads of this log that it contradicts: it was truncated or rolled back. See the witnesses below.</div>",
+            v.records,
+            peers.join(", ")
+        );
     } else {
         let _ = write!(
             body,

@@ -182,10 +182,14 @@ fn the_loopback_console_serves_every_page_as_json_and_records_each_view() {
         "no console policy in the loopback mode"
     );
 
-    let mesh = get_json(&format!("{url}/api/mesh"), &[]);
+    // West learns east's exports by syncing: wait for it (views are recorded, so poll slowly).
+    let mut mesh = get_json(&format!("{url}/api/mesh"), &[]);
+    wait_for("west to import east's orders", || {
+        mesh = get_json(&format!("{url}/api/mesh"), &[]);
+        mesh["links"][0]["imported"][0] == "orders.shop"
+    });
     assert_eq!(mesh["services"][0]["name"], ORDERS);
     assert_eq!(mesh["links"][0]["cluster"], "east");
-    assert_eq!(mesh["links"][0]["imported"][0], "orders.shop");
 
     // The exports of one search: every matching record, oldest first.
     let (status, jsonl) = get(&format!("{url}/export/decisions.jsonl?{q}"), &[]);
@@ -231,6 +235,13 @@ fn the_loopback_console_serves_every_page_as_json_and_records_each_view() {
     assert_eq!(status, "403");
     let (status, _) = get(&format!("{url}/api/mesh"), &["-X", "POST"]);
     assert_eq!(status, "405");
+    // A request another web page caused (an image, a form) is refused and not recorded.
+    let (status, body) = get(
+        &format!("{url}/export/decisions.jsonl?from-another-site"),
+        &["-H", "Sec-Fetch-Site: cross-site"],
+    );
+    assert_eq!(status, "403", "{body}");
+    assert!(body.contains("Sec-Fetch-Site: cross-site"), "{body}");
     let (status, _) = get(&format!("{url}/wp-admin"), &[]);
     assert_eq!(status, "404");
 
@@ -259,6 +270,12 @@ fn the_loopback_console_serves_every_page_as_json_and_records_each_view() {
             "no view of {page} recorded in {admin}"
         );
     }
+    assert!(
+        !views
+            .iter()
+            .any(|r| r["action"].as_str().unwrap().contains("from-another-site")),
+        "a cross-site request is not recorded"
+    );
     assert!(
         views.iter().all(|r| r["principal"]
             .as_str()

@@ -83,21 +83,27 @@ pub fn wait_admin_socket(state: &Path) {
 /// if it has not exited within [`READY_TIMEOUT`]: a regression makes the test fail, not hang.
 pub fn output_within(cmd: &mut Command) -> Output {
     use std::process::Stdio;
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    // The pipes are read while the process runs (a chatty process never blocks on a full
+    // pipe); the waiting thread hands the output over, or the deadline kills the process.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             panic!("{cmd:?} did not exit within {READY_TIMEOUT:?}");
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    child.wait_with_output().unwrap()
 }
 
 /// Sends SIGINT (Ctrl-C) to `child` and waits for it to exit.
@@ -202,6 +208,7 @@ fn chromium(args: &[&str]) -> Output {
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",
         "--no-first-run",
     ])
     .arg(format!("--user-data-dir={}", profile.path().display()))

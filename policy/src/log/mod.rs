@@ -374,9 +374,20 @@ impl DecisionLog {
     /// Appends one record, blocks until it is synced to stable storage whatever the mode,
     /// and returns it as stored (admin events, tools, tests).
     pub fn append(&self, input: DecisionRecordInput) -> Result<DecisionRecord, LogError> {
+        self.append_synced(input, true)
+    }
+
+    /// [`DecisionLog::append`], where an admin event may use the reserve past the disk
+    /// budget only when `reserve` says so.
+    fn append_synced(
+        &self,
+        input: DecisionRecordInput,
+        reserve: bool,
+    ) -> Result<DecisionRecord, LogError> {
         let shared = self.shared()?;
-        let prepared =
+        let mut prepared =
             record::prepare(&input).map_err(|e| shared.fail(LogError::Encoding(e.to_string())))?;
+        prepared.admin &= reserve;
         let (receipt, prev) = shared.write(&prepared).map_err(|e| shared.fail(e))?;
         shared
             .wait_synced_blocking(receipt.seq)
@@ -387,6 +398,18 @@ impl DecisionLog {
             serde_json::from_slice(&body).map_err(|e| LogError::Encoding(e.to_string()))?;
         rec.hash = hex::encode(record::hash_body(&body));
         Ok(rec)
+    }
+
+    /// Records that someone looked (a console page view): an admin event, synced, that never
+    /// uses the reserve past the disk budget kept for the operator's commands — on a full log
+    /// views are refused, `audit prune` still works.
+    pub fn append_view_event(
+        &self,
+        who: &str,
+        what: &str,
+        time: SystemTime,
+    ) -> Result<DecisionRecord, LogError> {
+        self.append_synced(DecisionRecordInput::admin(who, what, time), false)
     }
 
     /// Records an admin event (who did what, when), synced before it returns.

@@ -742,6 +742,11 @@ fn the_disk_budget_refuses_appends_until_pruned() {
     };
     assert_eq!(used, on_disk, "the count follows the files");
     assert!(on_disk <= 16 * 1024 + 1024, "{on_disk}");
+    // A console view is not an operator's command: it may not use the reserve.
+    assert!(matches!(
+        log.append_view_event("viewer", "console view /decisions", SystemTime::now()),
+        Err(LogError::OverBudget { .. })
+    ));
     // The operator's commands are recorded before they run: an admin event still fits (the
     // reserve past the budget), so `audit prune` itself works on a full log; traffic does not.
     log.append_admin_event("uid:0 (root)", "audit prune before …", SystemTime::now())
