@@ -19,6 +19,30 @@ use crate::facts::{HIDDEN_HEADERS, RequestFacts, action_name};
 use crate::timefmt::to_rfc3339;
 
 const HASH_DOMAIN: &[u8] = b"meshgate.audit.v1\0";
+
+/// What a record keeps of a header value that looks like a secret.
+pub const REDACTED: &str = "[redacted]";
+
+/// Header names that usually carry a secret (`x-api-key`, `x-auth-token`,
+/// `x-amz-security-token`, a session id): policies see them, records keep only their name,
+/// so neither the log, its exports nor the console hold the secret. (`authorization` and
+/// `cookie` are hidden from policies as well, see [`HIDDEN_HEADERS`].)
+pub fn secret_looking(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "api-key",
+        "apikey",
+        "session",
+        "credential",
+        "auth",
+    ]
+    .iter()
+    .any(|part| name.contains(part))
+}
 /// `prev_hash` of the first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -166,6 +190,11 @@ impl DecisionRecordInput {
         let mut kept = facts.clone();
         kept.headers
             .retain(|(k, _)| !HIDDEN_HEADERS.contains(&k.to_ascii_lowercase().as_str()));
+        for (name, value) in &mut kept.headers {
+            if secret_looking(name) {
+                *value = REDACTED.to_owned();
+            }
+        }
         Self {
             time: facts.time,
             id: None,

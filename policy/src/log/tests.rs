@@ -780,3 +780,41 @@ fn hashes_at_knows_the_head_whatever_segments_it_skips() {
     let found = log.hashes_at(&std::collections::BTreeSet::new()).unwrap();
     assert_eq!(found.head_seq, 6);
 }
+
+#[test]
+fn secret_looking_header_values_never_reach_a_record() {
+    let mut f = facts(
+        "spiffe://east.example/ns/shop/sa/web",
+        "GET",
+        "orders.shop.west",
+        "/",
+    );
+    f.headers = vec![
+        ("x-api-key".into(), "sk_live_123".into()),
+        ("X-Auth-Token".into(), "t0k".into()),
+        ("x-amz-security-token".into(), "aws".into()),
+        ("x-request-id".into(), "r-1".into()),
+    ];
+    let e = PolicyEngine::from_sources(
+        &[SourceFile {
+            name: "a.cedar".into(),
+            text: "@id(\"all\") permit (principal, action, resource);".into(),
+        }],
+        None,
+    )
+    .unwrap();
+    let input = DecisionRecordInput::from_decision(&f, &e.decide(&f));
+    let kept = input.facts.unwrap().headers;
+    assert_eq!(
+        kept,
+        [
+            ("x-api-key".to_owned(), record::REDACTED.to_owned()),
+            ("X-Auth-Token".to_owned(), record::REDACTED.to_owned()),
+            (
+                "x-amz-security-token".to_owned(),
+                record::REDACTED.to_owned()
+            ),
+            ("x-request-id".to_owned(), "r-1".to_owned()),
+        ]
+    );
+}
